@@ -1,0 +1,214 @@
+"""The DDPM UNet (Ho et al. 2020, Appendix B), as the official TensorFlow code builds it.
+
+The module names and parameter shapes are those of the earlier PyTorch port, so its
+checkpoints load with ``load_state_dict(strict=True)``. Where that port differs from the
+official model (timestep embedding order, downsample padding, GroupNorm epsilon, the
+initialisation of the layers that start at zero) this file follows the official model.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUPS = 32
+GN_EPS = 1e-6       # official tf.contrib.layers.group_norm epsilon
+ZERO_GAIN = 1e-5    # official "variance scaling 1e-10": std scaled by sqrt(1e-10)
+
+
+def timestep_embedding_table(T, dim):
+    """Sinusoidal embedding of t = 0..T-1: [sin(t w_k), cos(t w_k)], w_k = 1e4^(-k/(dim/2-1))."""
+    if dim % 2:
+        raise ValueError(f"ch must be even for the sinusoidal timestep embedding, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / (half - 1))
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * freqs[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def group_norm(channels):
+    return nn.GroupNorm(GROUPS, channels, eps=GN_EPS)
+
+
+class TimeEmbedding(nn.Module):
+    """Frozen sinusoidal table -> Linear(ch, 4ch) -> Swish -> Linear(4ch, 4ch)."""
+
+    def __init__(self, T, ch, dim):
+        super().__init__()
+        self.timembedding = nn.Sequential(
+            nn.Embedding.from_pretrained(timestep_embedding_table(T, ch), freeze=True),
+            nn.Linear(ch, dim),
+            nn.SiLU(),
+            nn.Linear(dim, dim),
+        )
+
+    def forward(self, t):
+        return self.timembedding(t)
+
+
+class DownSample(nn.Module):
+    """Stride-2 3x3 conv with TF "SAME" padding: one row/column of zeros after, none before."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.main = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x, temb):
+        return self.main(F.pad(x, (0, 1, 0, 1)))
+
+
+class UpSample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.main = nn.Conv2d(ch, ch, 3, stride=1, padding=1)
+
+    def forward(self, x, temb):
+        return self.main(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels, added back residually."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.group_norm = group_norm(ch)
+        self.proj_q = nn.Conv2d(ch, ch, 1)
+        self.proj_k = nn.Conv2d(ch, ch, 1)
+        self.proj_v = nn.Conv2d(ch, ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.group_norm(x)
+        # (B, 1 head, H*W tokens, C): softmax(q k^T / sqrt(C)) v
+        q, k, v = (p(h).flatten(2).transpose(1, 2).unsqueeze(1)
+                   for p in (self.proj_q, self.proj_k, self.proj_v))
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class ResBlock(nn.Module):
+    """GN-Swish-conv, + Dense(Swish(temb)), GN-Swish-Dropout-conv, shortcut, then attention."""
+
+    def __init__(self, in_ch, out_ch, tdim, dropout, attn):
+        super().__init__()
+        self.block1 = nn.Sequential(group_norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.temb_proj = nn.Sequential(nn.SiLU(), nn.Linear(tdim, out_ch))
+        self.block2 = nn.Sequential(
+            group_norm(out_ch), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.attn = AttnBlock(out_ch) if attn else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.block1(x)
+        h = h + self.temb_proj(temb)[:, :, None, None]
+        h = self.block2(h)
+        return self.attn(h + self.shortcut(x))
+
+
+class UNet(nn.Module):
+    """epsilon/x_0/x_{t-1} predictor eps_theta(x_t, t) of Ho et al. 2020.
+
+    T: number of diffusion steps (rows of the embedding table); ch: base channels;
+    ch_mult: channel multiplier per resolution level; attn: level indices with self-attention;
+    num_res_blocks: ResBlocks per level on the way down (one more on the way up);
+    in_ch / out_ch: image channels in and out (out_ch = 2 * in_ch for a learned variance);
+    img_size, when given, is checked against the number of halvings.
+    """
+
+    def __init__(self, T, ch, ch_mult, attn, num_res_blocks, dropout,
+                 in_ch=3, out_ch=None, img_size=None):
+        super().__init__()
+        ch_mult, attn = list(ch_mult), list(attn)
+        levels = len(ch_mult)
+        if levels < 1:
+            raise ValueError("ch_mult must name at least one resolution level")
+        for level in attn:
+            if not 0 <= level < levels:
+                raise ValueError(f"attn level {level} is out of range: ch_mult {ch_mult} has "
+                                 f"levels 0..{levels - 1}")
+        for c in [ch] + [ch * m for m in ch_mult]:
+            if c % GROUPS:
+                raise ValueError(f"ch={ch} with ch_mult={ch_mult} gives {c} channels, which "
+                                 f"GroupNorm({GROUPS}) cannot split: use multiples of {GROUPS}")
+        self.downsample_factor = 2 ** (levels - 1)
+        if img_size is not None:
+            self.check_image_size(img_size)
+        out_ch = in_ch if out_ch is None else out_ch
+        tdim = ch * 4
+        self.time_embedding = TimeEmbedding(T, ch, tdim)
+
+        self.head = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.downblocks = nn.ModuleList()
+        skip_chs = [ch]
+        now_ch = ch
+        for i, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.downblocks.append(ResBlock(now_ch, ch * mult, tdim, dropout, attn=i in attn))
+                now_ch = ch * mult
+                skip_chs.append(now_ch)
+            if i != levels - 1:
+                self.downblocks.append(DownSample(now_ch))
+                skip_chs.append(now_ch)
+
+        self.middleblocks = nn.ModuleList([
+            ResBlock(now_ch, now_ch, tdim, dropout, attn=True),
+            ResBlock(now_ch, now_ch, tdim, dropout, attn=False),
+        ])
+
+        self.upblocks = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.upblocks.append(
+                    ResBlock(skip_chs.pop() + now_ch, ch * mult, tdim, dropout, attn=i in attn))
+                now_ch = ch * mult
+            if i != 0:
+                self.upblocks.append(UpSample(now_ch))
+
+        self.tail = nn.Sequential(group_norm(now_ch), nn.SiLU(), nn.Conv2d(now_ch, out_ch, 3, padding=1))
+        self.initialize()
+
+    def check_image_size(self, size):
+        if size % self.downsample_factor:
+            raise ValueError(f"img_size {size} is not divisible by {self.downsample_factor}, "
+                             f"the {self.downsample_factor.bit_length() - 1} halvings that "
+                             f"ch_mult implies: use a multiple of {self.downsample_factor}")
+
+    def initialize(self):
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # Layers whose output is added to a residual stream start (near) zero, so each
+        # block begins as the identity.
+        for layer in self.zero_initialised_layers():
+            nn.init.xavier_uniform_(layer.weight, gain=ZERO_GAIN)
+
+    def zero_initialised_layers(self):
+        layers = [self.tail[-1]]
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                layers.append(module.block2[-1])
+            elif isinstance(module, AttnBlock):
+                layers.append(module.proj)
+        return layers
+
+    def forward(self, x, t):
+        if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
+            self.check_image_size(x.shape[-1] if x.shape[-1] % self.downsample_factor else x.shape[-2])
+        temb = self.time_embedding(t)
+        h = self.head(x)
+        skips = [h]
+        for layer in self.downblocks:
+            h = layer(h, temb)
+            skips.append(h)
+        for layer in self.middleblocks:
+            h = layer(h, temb)
+        for layer in self.upblocks:
+            if isinstance(layer, ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = layer(h, temb)
+        return self.tail(h)
