@@ -26,6 +26,30 @@ def timestep_embedding_table(T, dim):
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
+def check_image_size(size, factor):
+    if size % factor:
+        raise ValueError(f"img_size {size} is not divisible by {factor}, the "
+                         f"{factor.bit_length() - 1} halvings that ch_mult implies: "
+                         f"use a multiple of {factor}")
+
+
+def check_architecture(ch, ch_mult, attn, img_size=None):
+    """ValueError naming the argument when the UNet cannot be built as asked."""
+    levels = len(ch_mult)
+    if levels < 1:
+        raise ValueError("ch_mult must name at least one resolution level")
+    for level in attn:
+        if not 0 <= level < levels:
+            raise ValueError(f"attn level {level} is out of range: ch_mult {list(ch_mult)} has "
+                             f"levels 0..{levels - 1}")
+    for c in [ch] + [ch * m for m in ch_mult]:
+        if c % GROUPS:
+            raise ValueError(f"ch={ch} with ch_mult={list(ch_mult)} gives {c} channels, which "
+                             f"GroupNorm({GROUPS}) cannot split: use multiples of {GROUPS}")
+    if img_size is not None:
+        check_image_size(img_size, 2 ** (levels - 1))
+
+
 def group_norm(channels):
     return nn.GroupNorm(GROUPS, channels, eps=GN_EPS)
 
@@ -123,20 +147,8 @@ class UNet(nn.Module):
                  in_ch=3, out_ch=None, img_size=None):
         super().__init__()
         ch_mult, attn = list(ch_mult), list(attn)
-        levels = len(ch_mult)
-        if levels < 1:
-            raise ValueError("ch_mult must name at least one resolution level")
-        for level in attn:
-            if not 0 <= level < levels:
-                raise ValueError(f"attn level {level} is out of range: ch_mult {ch_mult} has "
-                                 f"levels 0..{levels - 1}")
-        for c in [ch] + [ch * m for m in ch_mult]:
-            if c % GROUPS:
-                raise ValueError(f"ch={ch} with ch_mult={ch_mult} gives {c} channels, which "
-                                 f"GroupNorm({GROUPS}) cannot split: use multiples of {GROUPS}")
-        self.downsample_factor = 2 ** (levels - 1)
-        if img_size is not None:
-            self.check_image_size(img_size)
+        check_architecture(ch, ch_mult, attn, img_size)
+        self.downsample_factor = 2 ** (len(ch_mult) - 1)
         out_ch = in_ch if out_ch is None else out_ch
         tdim = ch * 4
         self.time_embedding = TimeEmbedding(T, ch, tdim)
@@ -145,6 +157,7 @@ class UNet(nn.Module):
         self.downblocks = nn.ModuleList()
         skip_chs = [ch]
         now_ch = ch
+        levels = len(ch_mult)
         for i, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
                 self.downblocks.append(ResBlock(now_ch, ch * mult, tdim, dropout, attn=i in attn))
@@ -171,12 +184,6 @@ class UNet(nn.Module):
         self.tail = nn.Sequential(group_norm(now_ch), nn.SiLU(), nn.Conv2d(now_ch, out_ch, 3, padding=1))
         self.initialize()
 
-    def check_image_size(self, size):
-        if size % self.downsample_factor:
-            raise ValueError(f"img_size {size} is not divisible by {self.downsample_factor}, "
-                             f"the {self.downsample_factor.bit_length() - 1} halvings that "
-                             f"ch_mult implies: use a multiple of {self.downsample_factor}")
-
     def initialize(self):
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -197,8 +204,8 @@ class UNet(nn.Module):
         return layers
 
     def forward(self, x, t):
-        if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
-            self.check_image_size(x.shape[-1] if x.shape[-1] % self.downsample_factor else x.shape[-2])
+        for size in x.shape[-2:]:
+            check_image_size(size, self.downsample_factor)
         temb = self.time_embedding(t)
         h = self.head(x)
         skips = [h]

@@ -1,0 +1,249 @@
+"""The training loop: Algorithm 1 with Adam, warmup, clipping and an EMA of the weights.
+
+Every random draw of a step (data order, flips, timesteps, noise) comes from generators
+seeded by (--seed, step), for the global batch, which each process then slices. So a run
+is the same whatever the number of processes or micro-batches, and a resumed run continues
+exactly where the interrupted one stopped. Only dropout uses the per-process RNG, whose
+state the checkpoint keeps.
+"""
+import contextlib
+import copy
+import os
+import random
+import signal
+
+import numpy as np
+import torch
+from tensorboardX import SummaryWriter
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+import checkpoint
+import data
+import distributed
+from diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer
+from model import UNet
+
+# Independent random streams, each seeded by (seed, stream, step).
+DATA_ORDER, FLIP, TIMESTEP_NOISE, X_T, SAMPLE_NOISE = range(5)
+
+
+def stream_seed(*key):
+    """A 63-bit seed for one (seed, stream, step) key: distinct keys give unrelated streams."""
+    return int(np.random.SeedSequence(list(key)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class GlobalBatchSampler(Sampler):
+    """This process's micro-batches of the global batches start, start + 1, ...
+
+    Global batch g is slice g % per_epoch of a permutation of the dataset drawn afresh for
+    each epoch g // per_epoch (the last incomplete batch of an epoch is dropped). Process r
+    takes the r-th of world_size equal parts and cuts it into accum_steps micro-batches.
+    """
+
+    def __init__(self, dataset_size, global_batch, world_size, rank, accum_steps, seed, start):
+        self.per_epoch = dataset_size // global_batch
+        if self.per_epoch == 0:
+            raise data.DatasetError(f"the dataset has {dataset_size} images, fewer than one "
+                                    f"batch of {global_batch}")
+        self.size, self.global_batch = dataset_size, global_batch
+        self.world_size, self.rank, self.accum_steps = world_size, rank, accum_steps
+        self.seed, self.start = seed, start
+
+    def __iter__(self):
+        local = self.global_batch // self.world_size
+        epoch, order = None, None
+        for g in range(self.start, 2 ** 62):
+            if g // self.per_epoch != epoch:
+                epoch = g // self.per_epoch
+                order = torch.randperm(
+                    self.size, generator=torch.Generator().manual_seed(stream_seed(self.seed, DATA_ORDER, epoch)))
+            first = (g % self.per_epoch) * self.global_batch + self.rank * local
+            for micro in order[first:first + local].chunk(self.accum_steps):
+                yield micro.tolist()
+
+
+def global_batch_draws(seed, step, global_batch, img_shape, T, device):
+    """Flip mask, timesteps and noise for the whole global batch of this step."""
+    flip_gen = torch.Generator().manual_seed(stream_seed(seed, FLIP, step))
+    flip = (torch.rand(global_batch, generator=flip_gen) < 0.5).to(device)
+    gen = torch.Generator(device).manual_seed(stream_seed(seed, TIMESTEP_NOISE, step))
+    t = torch.randint(T, (global_batch,), generator=gen, device=device)
+    noise = torch.randn((global_batch, *img_shape), generator=gen, device=device)
+    return flip, t, noise
+
+
+def build_model(flags):
+    var_channels = 2 if getattr(flags, "var_type", None) == "learned" else 1
+    return UNet(T=flags.T, ch=flags.ch, ch_mult=flags.ch_mult, attn=flags.attn,
+                num_res_blocks=flags.num_res_blocks, dropout=flags.dropout,
+                in_ch=flags.img_channels, out_ch=var_channels * flags.img_channels,
+                img_size=flags.img_size)
+
+
+def build_sampler(flags, net, clip_denoised=True):
+    return GaussianDiffusionSampler(net, flags.beta_1, flags.beta_T, flags.T, flags.img_size,
+                                    flags.mean_type, flags.var_type, clip_denoised)
+
+
+def warmup_lr(warmup):
+    return lambda step: min(step, warmup) / warmup if warmup > 0 else 1.0
+
+
+@torch.no_grad()
+def ema_update(ema, net, decay):
+    """ema <- decay * ema + (1 - decay) * net, over the trainable tensors, in one fused call."""
+    pairs = [(e, p) for e, p in zip(ema.parameters(), net.parameters()) if p.requires_grad]
+    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks, so it can checkpoint before exiting."""
+
+    def __init__(self):
+        self.requested = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.request)
+
+    def request(self, signum, frame):
+        self.requested = True
+
+
+def grid(images):
+    """[-1, 1] images -> one [0, 1] grid image."""
+    return make_grid((images + 1) / 2, nrow=int(np.ceil(np.sqrt(len(images)))), pad_value=1.0)
+
+
+def train(flags, device_type):
+    import evaluate  # evaluation during training
+    device = distributed.local_device(device_type)
+    rank, world_size = distributed.rank(), distributed.world_size()
+    is_main = rank == 0
+    torch.manual_seed(stream_seed(flags.seed, rank))  # dropout; restored on resume
+    micro_batch = flags.batch_size // (world_size * flags.accum_steps)
+    img_shape = (flags.img_channels, flags.img_size, flags.img_size)
+
+    dataset = data.build_dataset(flags.dataset, flags.data_root, flags.img_size, train=True,
+                                 flip=False, channels=flags.img_channels)
+    random_flip = data.default_flip(flags.dataset)
+
+    net = build_model(flags).to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=flags.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=warmup_lr(flags.warmup))
+    x_T = torch.randn((flags.sample_size, *img_shape),
+                      generator=torch.Generator().manual_seed(stream_seed(flags.seed, X_T)))
+    start = 0
+    ckpt_path = os.path.join(flags.logdir, "ckpt.pt")
+    if flags.resume:
+        state = checkpoint.load(ckpt_path)
+        checkpoint.load_weights(net, state["net_model"], ckpt_path)
+        checkpoint.load_weights(ema, state["ema_model"], ckpt_path)
+        optimizer.load_state_dict(state["optim"])
+        scheduler.load_state_dict(state["sched"])
+        start, x_T = state["step"], state["x_T"]
+        if len(state.get("rng", [])) == world_size:
+            set_rng_state(state["rng"][rank])
+    x_T = x_T.to(device)
+
+    ddp_net = DistributedDataParallel(net) if world_size > 1 else net
+    trainer = GaussianDiffusionTrainer(ddp_net, flags.beta_1, flags.beta_T, flags.T, flags.mean_type).to(device)
+    ema_sampler = build_sampler(flags, ema).to(device)
+
+    batches = iter(DataLoader(
+        dataset, num_workers=flags.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=flags.num_workers > 0,
+        batch_sampler=GlobalBatchSampler(len(dataset), flags.batch_size, world_size, rank,
+                                         flags.accum_steps, flags.seed, start)))
+
+    writer = SummaryWriter(flags.logdir) if is_main else None
+    if is_main:
+        os.makedirs(os.path.join(flags.logdir, "sample"), exist_ok=True)
+        if start == 0:
+            real = torch.stack([dataset[i][0] for i in range(min(flags.sample_size, len(dataset)))])
+            writer.add_image("real_sample", grid(real), 0)
+
+    def save(step):
+        rngs = distributed.gather_objects(rng_state())
+        if is_main:
+            checkpoint.save(ckpt_path, {
+                "net_model": net.state_dict(), "ema_model": ema.state_dict(),
+                "optim": optimizer.state_dict(), "sched": scheduler.state_dict(),
+                "step": step, "x_T": x_T.cpu(), "rng": rngs, "world_size": world_size})
+
+    def sample(step):
+        if is_main:
+            images = ema_sampler(x_T, generator=torch.Generator(device).manual_seed(
+                stream_seed(flags.seed, SAMPLE_NOISE)))
+            save_image(grid(images), os.path.join(flags.logdir, "sample", f"{step}.png"))
+            writer.add_image("sample", grid(images), step)
+        distributed.barrier()
+
+    stop = StopRequest()
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    progress = tqdm(total=flags.total_steps, initial=start, disable=not is_main, dynamic_ncols=True)
+    net.train()
+    for step in range(start + 1, flags.total_steps + 1):
+        # One optimizer step consumes global batch number step - 1.
+        flip, t, noise = global_batch_draws(flags.seed, step - 1, flags.batch_size, img_shape, flags.T, device)
+        for micro in range(flags.accum_steps):
+            x_0, _ = next(batches)
+            x_0 = x_0.to(device, non_blocking=True)
+            part = slice((rank * flags.accum_steps + micro) * micro_batch,
+                         (rank * flags.accum_steps + micro + 1) * micro_batch)
+            if random_flip:
+                x_0 = torch.where(flip[part, None, None, None], x_0.flip(-1), x_0)
+            last = micro == flags.accum_steps - 1
+            # DDP averages gradients across processes on the last micro-batch only
+            with ddp_net.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
+                loss = trainer(x_0, t[part], noise[part]).mean()
+                (loss / flags.accum_steps).backward()
+            loss_sum += loss.detach()
+            loss_count += 1
+        torch.nn.utils.clip_grad_norm_(net.parameters(), flags.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        ema_update(ema, net, flags.ema_decay)
+        progress.update(1)
+
+        if step % flags.log_step == 0 or step == flags.total_steps:
+            loss_mean = distributed.all_reduce_mean(loss_sum / loss_count).item()
+            loss_sum.zero_()
+            loss_count = 0
+            if is_main:
+                progress.set_postfix(loss=f"{loss_mean:.4f}")
+                writer.add_scalar("loss", loss_mean, step)
+                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+        if flags.sample_step > 0 and step % flags.sample_step == 0:
+            sample(step)
+        if flags.eval_step > 0 and step % flags.eval_step == 0:
+            evaluate.evaluate_during_training(flags, ema, step, writer)
+        stopping = stop.requested if world_size == 1 else (
+            step % flags.log_step == 0 and distributed.any_rank(stop.requested, device))
+        if step % flags.save_step == 0 or step == flags.total_steps or stopping:
+            save(step)
+        if stopping:
+            if is_main:
+                progress.write(f"stopped by a signal at step {step}; checkpoint saved, continue with --resume")
+            break
+    progress.close()
+    if writer is not None:
+        writer.close()
