@@ -115,7 +115,10 @@ def list_flags_from_last_source(argv):
 
 
 def parse_flags(argv):
-    return FLAGS(list_flags_from_last_source(argv))
+    try:
+        return FLAGS(list_flags_from_last_source(argv))
+    except flags.Error as error:  # a missing flagfile, a bad enum value, a malformed number
+        sys.exit(f"error: {str(error).replace('ERROR:: ', '')}")
 
 
 def resolve_device():

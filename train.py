@@ -170,6 +170,8 @@ def train(flags, device_type):
     batches = iter(DataLoader(
         dataset, num_workers=flags.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=flags.num_workers > 0,
+        # its own generator: creating the iterator must not draw from the dropout RNG
+        generator=torch.Generator().manual_seed(stream_seed(flags.seed, DATA_ORDER)),
         batch_sampler=GlobalBatchSampler(len(dataset), flags.batch_size, world_size, rank,
                                          flags.accum_steps, flags.seed, start)))
 

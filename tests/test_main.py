@@ -1,0 +1,115 @@
+"""main.py end to end, through the command line, on the digits data with a tiny model."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--flagfile", os.path.join(ROOT, "config", "digits.cfg"), "--ch", "32", "--ch_mult", "1",
+        "--ch_mult", "2", "--attn", "1", "--num_res_blocks", "1", "--T", "20", "--batch_size", "16",
+        "--sample_size", "4", "--warmup", "0", "--log_step", "1", "--num_workers", "0"]
+
+
+def run_main(*args, expect_ok=True):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *TINY, *args],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if expect_ok:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def weights(logdir):
+    state = torch.load(os.path.join(logdir, "ckpt.pt"), weights_only=False)
+    return state
+
+
+def assert_same_weights(first, second, atol):
+    for key in ("net_model", "ema_model"):
+        for name, tensor in first[key].items():
+            torch.testing.assert_close(second[key][name], tensor, atol=atol, rtol=0, msg=f"{key}.{name}")
+
+
+def test_train_then_eval_from_the_saved_flagfile(tmp_path):
+    logdir = str(tmp_path / "run")
+    run_main("--train", "--logdir", logdir, "--total_steps", "4", "--sample_step", "2",
+             "--save_step", "2")
+    for name in ("ckpt.pt", "flagfile.txt", os.path.join("sample", "2.png"), os.path.join("sample", "4.png")):
+        assert os.path.exists(os.path.join(logdir, name)), name
+    assert glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
+    state = weights(logdir)
+    assert state["step"] == 4 and {"net_model", "ema_model", "optim", "sched", "x_T", "rng"} <= set(state)
+    # the saved flagfile alone reproduces the configuration
+    result = subprocess.run([sys.executable, "main.py", "--flagfile", os.path.join(logdir, "flagfile.txt"),
+                             "--notrain", "--eval", "--num_images", "20", "--eval_batch_size", "8"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.exists(os.path.join(logdir, "samples_ema.png"))
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    # dropout on: the per-process RNG must be restored too
+    common = ["--train", "--total_steps", "6", "--dropout", "0.1", "--save_step", "100", "--sample_step", "0"]
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    run_main(*common, "--logdir", straight)
+    run_main(*common, "--logdir", interrupted, "--total_steps", "3")
+    run_main(*common, "--logdir", interrupted, "--resume")
+    first, second = weights(straight), weights(interrupted)
+    assert second["step"] == 6
+    assert_same_weights(first, second, atol=1e-6)
+
+
+# Adam divides each gradient by its running RMS, so float rounding in a gradient that is
+# ~0 (summation order differs between the runs) can move that one weight by up to ~lr per
+# step; a wrong data, noise or timestep slice moves nearly every weight by ~lr. lr = 1e-3.
+ADAM_ROUNDING = 5e-5
+
+
+def test_gradient_accumulation_is_one_big_batch(tmp_path):
+    common = ["--train", "--total_steps", "3", "--dropout", "0", "--save_step", "100", "--sample_step", "0"]
+    whole, micro = str(tmp_path / "whole"), str(tmp_path / "micro")
+    run_main(*common, "--logdir", whole)
+    run_main(*common, "--logdir", micro, "--accum_steps", "4")
+    assert_same_weights(weights(whole), weights(micro), atol=ADAM_ROUNDING)
+
+
+def test_two_processes_equal_one(tmp_path):
+    common = ["--train", "--total_steps", "3", "--dropout", "0", "--save_step", "100", "--sample_step", "2"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_main(*common, "--logdir", one)
+    run_main(*common, "--logdir", two, "--nprocs", "2", "--device", "cpu")
+    assert os.path.exists(os.path.join(two, "sample", "2.png"))
+    assert_same_weights(weights(one), weights(two), atol=ADAM_ROUNDING)
+    assert len(weights(two)["rng"]) == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch_size", "10", "--accum_steps", "4"], "--batch_size 10 is not divisible by processes x --accum_steps"),
+    (["--attn", "3"], "attn level 3 is out of range"),
+    (["--img_size", "9"], "img_size 9 is not divisible by 2"),
+    (["--dataset", "mnist"], "flag --dataset=mnist: value should be one of"),
+    (["--logdir", "/proc/not_here"], "--logdir /proc/not_here is not writable"),
+    (["--flagfile", "/no/such.cfg"], "/no/such.cfg"),
+    (["--dataset", "folder", "--data_root", "/no/such/folder"], "data_root /no/such/folder is not a folder"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--nprocs", "999"],
+     "no CUDA device is visible" if not torch.cuda.is_available() else "exceeds the"),
+])
+def test_bad_input_is_one_clear_line(args, message, tmp_path):
+    result = run_main("--train", "--logdir", str(tmp_path / "run"), *args, expect_ok=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
+def test_existing_checkpoint_needs_resume(tmp_path):
+    logdir = str(tmp_path / "run")
+    run_main("--train", "--logdir", logdir, "--total_steps", "1", "--sample_step", "0")
+    before = os.path.getmtime(os.path.join(logdir, "ckpt.pt"))
+    result = run_main("--train", "--logdir", logdir, "--total_steps", "1", expect_ok=False)
+    assert result.returncode != 0 and "pass --resume" in result.stderr
+    assert os.path.getmtime(os.path.join(logdir, "ckpt.pt")) == before
+    mismatched = run_main("--notrain", "--eval", "--logdir", logdir, "--ch", "64", expect_ok=False)
+    assert "does not fit the flags" in mismatched.stderr and "Traceback" not in mismatched.stderr
