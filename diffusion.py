@@ -8,16 +8,25 @@ Notation (t is 0-based, t = 0..T-1):
         c1_t = beta_t sqrt(abar_{t-1}) / (1 - abar_t)
         c2_t = (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t)
         betatilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
+    L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)),  L_0 = -log p(x_0 | x_1)     (eq. 5)
 
 Every coefficient is computed once, in float64, by `GaussianDiffusion`; per-step values are
-cast to the working dtype only where they are applied (`extract`).
+cast to the working dtype only where they are applied (`extract`). The variational-bound
+terms are evaluated in float64 throughout.
 """
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 MEAN_TYPES = ("xprev", "xstart", "epsilon")
-VAR_TYPES = ("fixedlarge", "fixedsmall")
+VAR_TYPES = ("fixedlarge", "fixedsmall", "learned")
+LOSS_TYPES = ("mse", "kl")
+SAMPLERS = ("ddpm", "ddim")
+SKIP_TYPES = ("uniform", "quadratic")
 
 
 def check_choice(name, value, choices):
@@ -30,15 +39,82 @@ def extract(coef, t, x):
     return coef.gather(0, t).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
-class GaussianDiffusion(nn.Module):
-    """The noise schedule and every derived coefficient, as float64 buffers."""
+def mean_flat(x):
+    """Mean over every dimension but the batch."""
+    return x.flatten(1).mean(1)
 
-    def __init__(self, beta_1, beta_T, T):
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats:
+    1/2 (logvar2 - logvar1 + exp(logvar1 - logvar2) + (mean1 - mean2)^2 exp(-logvar2) - 1).
+    """
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log P(x) under N(means, exp(log_scales)^2) integrated over x's 8-bit bin, elementwise.
+
+    x lies on the 256-level grid of [-1, 1]; its bin is [x - 1/255, x + 1/255], the outermost
+    bins extended to -inf (x = -1) and +inf (x = 1) (Ho et al. eq. 13). The normal CDF is exact
+    (torch.special.ndtr, in float64) where the official code uses a tanh approximation; the upper
+    tail is Phi(-a) rather than 1 - Phi(a), and probabilities are floored at 1e-12 as official.
+    """
+    x, means, log_scales = x.double(), means.double(), log_scales.double()
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    upper = inv_std * (centered + 1.0 / 255.0)
+    lower = inv_std * (centered - 1.0 / 255.0)
+    cdf_upper = torch.special.ndtr(upper)
+    log_cdf_upper = torch.log(cdf_upper.clamp(min=1e-12))
+    log_sf_lower = torch.log(torch.special.ndtr(-lower).clamp(min=1e-12))
+    log_bin = torch.log((cdf_upper - torch.special.ndtr(lower)).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, log_bin))
+
+
+def split_learned_variance(model_output, x_t):
+    """A 'learned' model emits 2C channels: the mean output, then the log-variance."""
+    if model_output.shape[1] != 2 * x_t.shape[1]:
+        raise ValueError(
+            f"var_type 'learned' needs a model with out_ch = 2 * in_ch = {2 * x_t.shape[1]} "
+            f"channels, got {model_output.shape[1]}")
+    return model_output.chunk(2, dim=1)
+
+
+def sample_timesteps(T, steps, skip_type):
+    """The timesteps a fast sampler visits, ascending, as the official DDIM code picks them.
+
+    uniform:   range(0, T, T // steps): every (T // steps)-th step from 0, which is `steps`
+               steps when steps divides T and up to twice as many when it does not.
+    quadratic: int(s^2) for s in linspace(0, sqrt(0.8 T), steps) (the DDIM code's "quad"): dense
+               near t = 0, ending at 0.8 T; x_T ~ N(0, I) stands in for x at that step.
+    Repeated steps (quadratic with many steps) are dropped: a DDIM step from t to t is the
+    identity, so fewer than `steps` model calls may remain.
+    """
+    if skip_type == "uniform":
+        kept = np.arange(0, T, T // steps)
+    else:
+        kept = (np.linspace(0, np.sqrt(0.8 * T), steps) ** 2).astype(int)
+    return np.unique(kept).tolist()
+
+
+class GaussianDiffusion(nn.Module):
+    """The noise schedule and every derived coefficient, as float64 buffers.
+
+    With `timesteps` (ascending t_0 < ... < t_{S-1}) the chain is respaced to those steps of the
+    linear schedule (Nichol & Dhariwal 2021, sec. 4): abar_{t_i} is kept and
+    beta_i = 1 - abar_{t_i} / abar_{t_{i-1}}, abar_{t_{-1}} = 1; its steps are indexed by i.
+    """
+
+    def __init__(self, beta_1, beta_T, T, timesteps=None):
         super().__init__()
         if not 0 < beta_1 <= beta_T < 1:
             raise ValueError(f"need 0 < beta_1 <= beta_T < 1, got beta_1={beta_1}, beta_T={beta_T}")
-        self.T = T
         betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+        if timesteps is not None:
+            kept = torch.cumprod(1.0 - betas, dim=0)[timesteps]
+            betas = 1.0 - kept / torch.cat([kept.new_ones(1), kept[:-1]])
+        self.T = len(betas)
         alphas = 1.0 - betas
         alphas_bar = torch.cumprod(alphas, dim=0)
         alphas_bar_prev = torch.cat([alphas_bar.new_ones(1), alphas_bar[:-1]])
@@ -81,44 +157,90 @@ class GaussianDiffusion(nn.Module):
         return (extract(self.sqrt_recip_alphas_bar, t, x_t) * x_t
                 - extract(self.sqrt_recipm1_alphas_bar, t, x_t) * eps)
 
+    def predict_eps_from_xstart(self, x_t, t, x_0):
+        """Invert eq. 4: eps = (sqrt(1/abar) x_t - x_0) / sqrt(1/abar - 1)."""
+        return ((extract(self.sqrt_recip_alphas_bar, t, x_t) * x_t - x_0)
+                / extract(self.sqrt_recipm1_alphas_bar, t, x_t))
+
     def predict_xstart_from_xprev(self, x_t, t, xprev):
         """Invert the posterior mean: x_0 = (mu - c2 x_t) / c1."""
         return ((xprev - extract(self.posterior_mean_coef2, t, x_t) * x_t)
                 / extract(self.posterior_mean_coef1, t, x_t))
+
+    def predict_xstart(self, model_output, x_t, t, mean_type, clip_denoised):
+        """x0_hat from the mean part of the model output, clipped to [-1, 1] if clip_denoised."""
+        if mean_type == "epsilon":
+            x_0 = self.predict_xstart_from_eps(x_t, t, model_output)
+        elif mean_type == "xprev":
+            x_0 = self.predict_xstart_from_xprev(x_t, t, model_output)
+        else:
+            x_0 = model_output
+        return x_0.clamp(-1.0, 1.0) if clip_denoised else x_0
 
     def p_mean_variance(self, model_output, x_t, t, mean_type, var_type, clip_denoised):
         """Mean, log-variance and x0_hat of p_theta(x_{t-1} | x_t).
 
         For the epsilon and xstart parameterisations x0_hat is clipped to [-1, 1] before it
         forms the posterior mean, as the official p_mean_variance does; an xprev model
-        predicts the mean directly, so nothing is clipped.
+        predicts the mean directly, so only the x0_hat it implies is clipped.
         """
-        if var_type == "fixedlarge":
+        if var_type == "learned":
+            model_output, log_var = split_learned_variance(model_output, x_t)
+        elif var_type == "fixedlarge":
             log_var = extract(self.fixedlarge_log_var, t, x_t)
         else:
             log_var = extract(self.posterior_log_var_clipped, t, x_t)
+        x_0 = self.predict_xstart(model_output, x_t, t, mean_type, clip_denoised)
+        mean = model_output if mean_type == "xprev" else self.q_posterior_mean(x_0, x_t, t)
+        return mean, log_var, x_0
 
-        if mean_type == "xprev":
-            mean = model_output
-            x_0 = self.predict_xstart_from_xprev(x_t, t, model_output)
-            return mean, log_var, x_0
-        if mean_type == "xstart":
-            x_0 = model_output
-        else:
-            x_0 = self.predict_xstart_from_eps(x_t, t, model_output)
-        if clip_denoised:
-            x_0 = x_0.clamp(-1.0, 1.0)
-        return self.q_posterior_mean(x_0, x_t, t), log_var, x_0
+    def vb_terms_bpd(self, model_output, x_0, x_t, t, mean_type, var_type, clip_denoised):
+        """The bound's term for each example's t, in bits/dim, float64, and x0_hat:
+        L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, and the decoder
+        negative log-likelihood L_0 = -log p(x_0 | x_1) at t = 0 (x_1 is x_t at code index 0).
+        """
+        model_output, x_0, x_t = model_output.double(), x_0.double(), x_t.double()
+        true_mean = self.q_posterior_mean(x_0, x_t, t)
+        true_log_var = extract(self.posterior_log_var_clipped, t, x_t)
+        mean, log_var, pred_x_0 = self.p_mean_variance(
+            model_output, x_t, t, mean_type, var_type, clip_denoised)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
+        decoder_nll = -mean_flat(
+            discretized_gaussian_log_likelihood(x_0, mean, 0.5 * log_var)) / math.log(2.0)
+        return torch.where(t == 0, decoder_nll, kl), pred_x_0
+
+    def prior_bpd(self, x_0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, per example, float64."""
+        x_0 = x_0.double()
+        mean = self.sqrt_alphas_bar[-1] * x_0
+        log_var = torch.log1p(-self.alphas_bar[-1]).expand_as(x_0)
+        kl = normal_kl(mean, log_var, torch.zeros_like(x_0), torch.zeros_like(x_0))
+        return mean_flat(kl) / math.log(2.0)
 
 
 class GaussianDiffusionTrainer(GaussianDiffusion):
-    """Algorithm 1: the per-element regression loss of the model toward its mean type's target."""
+    """The training loss of one random timestep per example.
 
-    def __init__(self, model, beta_1, beta_T, T, mean_type="epsilon"):
+    loss_type "mse" (Algorithm 1): the per-element squared error (B, C, H, W) of the model
+    toward its mean type's target. loss_type "kl": the bound's term L_{t-1} (L_0 at t = 0) in
+    bits/dim per example (B,), with x0_hat unclipped as in the official training_losses; it
+    also trains a "learned" variance. Either way `.mean()` is the batch loss: for "mse" the
+    mean over elements equals the mean of the per-example means.
+    """
+
+    def __init__(self, model, beta_1, beta_T, T, mean_type="epsilon", loss_type="mse",
+                 var_type="fixedlarge"):
         super().__init__(beta_1, beta_T, T)
         check_choice("mean_type", mean_type, MEAN_TYPES)
+        check_choice("loss_type", loss_type, LOSS_TYPES)
+        check_choice("var_type", var_type, VAR_TYPES)
+        if loss_type == "mse" and var_type == "learned":
+            raise ValueError("loss_type 'mse' gives a learned variance no training signal: "
+                             "use loss_type 'kl' with var_type 'learned'")
         self.model = model
         self.mean_type = mean_type
+        self.loss_type = loss_type
+        self.var_type = var_type
 
     def forward(self, x_0, t=None, noise=None):
         if t is None:
@@ -126,44 +248,165 @@ class GaussianDiffusionTrainer(GaussianDiffusion):
         if noise is None:
             noise = torch.randn_like(x_0)
         x_t = self.q_sample(x_0, t, noise)
+        output = self.model(x_t, t).float()
+        if self.loss_type == "kl":
+            loss, _ = self.vb_terms_bpd(output, x_0, x_t, t, self.mean_type, self.var_type,
+                                        clip_denoised=False)
+            return loss.float()
         if self.mean_type == "epsilon":
             target = noise
         elif self.mean_type == "xstart":
             target = x_0
         else:
             target = self.q_posterior_mean(x_0, x_t, t)
-        output = self.model(x_t, t)
-        return F.mse_loss(output.float(), target, reduction="none")
+        return F.mse_loss(output, target, reduction="none")
 
 
 class GaussianDiffusionSampler(GaussianDiffusion):
-    """Algorithm 2: ancestral sampling x_T -> x_0 with a fixed variance."""
+    """p_theta: sampling x_T -> x_0, and the variational bound in bits/dim.
+
+    sampler "ddpm" with sample_steps = T (the default) is Algorithm 2. With fewer steps it is
+    ancestral sampling on the chain respaced to the kept timesteps (`sample_timesteps` with
+    skip_type), the model still called with the original timestep. sampler "ddim" is the DDIM
+    update (Song et al. 2021, eq. 12) on the kept timesteps with noise scale eta in [0, 1]
+    (0: deterministic). `timesteps` lists the kept timesteps, ascending. A learned variance is
+    the variance of one original step, so it cannot serve a strided ancestral chain; DDIM uses
+    only the mean half of such a model's output. sample_steps=None means T.
+    """
 
     def __init__(self, model, beta_1, beta_T, T, img_size=32, mean_type="epsilon",
-                 var_type="fixedlarge", clip_denoised=True):
+                 var_type="fixedlarge", clip_denoised=True, sampler="ddpm", sample_steps=None,
+                 eta=0.0, skip_type="uniform"):
         super().__init__(beta_1, beta_T, T)
         check_choice("mean_type", mean_type, MEAN_TYPES)
         check_choice("var_type", var_type, VAR_TYPES)
+        check_choice("sampler", sampler, SAMPLERS)
+        check_choice("skip_type", skip_type, SKIP_TYPES)
+        sample_steps = T if sample_steps is None else sample_steps
+        if not 1 <= sample_steps <= T:
+            raise ValueError(f"sample_steps must be in 1..T = 1..{T}, got {sample_steps}")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if sampler == "ddpm" and eta != 0.0:
+            raise ValueError("eta is the noise scale of sampler 'ddim'; sampler 'ddpm' takes none")
         self.model = model
         self.img_size = img_size
         self.mean_type = mean_type
         self.var_type = var_type
         self.clip_denoised = clip_denoised
+        self.sampler = sampler
+        self.eta = eta
+        self.timesteps = sample_timesteps(T, sample_steps, skip_type)
+        strided = len(self.timesteps) < T
+        if sampler == "ddpm" and strided and var_type == "learned":
+            raise ValueError("a learned variance is that of one original step: sample it with "
+                             "sample_steps = T or sampler 'ddim'")
+        if sampler == "ddpm" and len(self.timesteps) < 2:
+            raise ValueError("sampler 'ddpm' needs at least 2 timesteps (sample_steps >= 2)")
+        self.respaced = (GaussianDiffusion(beta_1, beta_T, T, self.timesteps)
+                         if sampler == "ddpm" and strided else None)
+        if sampler == "ddim":
+            self.register_ddim_coefficients()
+
+    def register_ddim_coefficients(self):
+        """Per kept step i, from t = t_i to s = t_{i-1} (abar_s = 1 after the last step):
+            x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma_i^2) eps_hat + sigma_i z,
+            sigma_i = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s).
+        """
+        alphas_bar = self.alphas_bar[self.timesteps]
+        alphas_bar_prev = torch.cat([alphas_bar.new_ones(1), alphas_bar[:-1]])
+        sigma = self.eta * torch.sqrt(
+            (1.0 - alphas_bar_prev) / (1.0 - alphas_bar) * (1.0 - alphas_bar / alphas_bar_prev))
+        buffers = {
+            "ddim_sigma": sigma,
+            "ddim_sqrt_alphas_bar_prev": alphas_bar_prev.sqrt(),
+            "ddim_eps_coef": torch.sqrt(1.0 - alphas_bar_prev - sigma ** 2),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
+
+    def ddim_mean_std(self, output, x_t, t, i):
+        """DDIM's x_s before its noise, sigma_i (None when eta = 0) and x0_hat (clipped if
+        clip_denoised); eps_hat is re-derived from that x0_hat so the update stays consistent
+        with it. Without clipping, eps_hat is the model's own and this is the official update."""
+        if self.var_type == "learned":
+            output, _ = split_learned_variance(output, x_t)
+        x_0 = self.predict_xstart(output, x_t, t, self.mean_type, self.clip_denoised)
+        eps = self.predict_eps_from_xstart(x_t, t, x_0)
+        index = torch.full_like(t, i)
+        mean = (extract(self.ddim_sqrt_alphas_bar_prev, index, x_t) * x_0
+                + extract(self.ddim_eps_coef, index, x_t) * eps)
+        std = extract(self.ddim_sigma, index, x_t) if self.eta > 0 else None
+        return mean, std, x_0
+
+    def ancestral_mean_std(self, output, x_t, t, i):
+        """Mean and std of p_theta(x at the previous kept step | x_t), and x0_hat. On a respaced
+        chain x0_hat comes from the original step t_i, the posterior from the respaced step i."""
+        if self.respaced is None:
+            mean, log_var, x_0 = self.p_mean_variance(
+                output, x_t, t, self.mean_type, self.var_type, self.clip_denoised)
+        else:
+            x_0 = self.predict_xstart(output, x_t, t, self.mean_type, self.clip_denoised)
+            mean, log_var, _ = self.respaced.p_mean_variance(
+                x_0, x_t, torch.full_like(t, i), "xstart", self.var_type, clip_denoised=False)
+        return mean, torch.exp(0.5 * log_var), x_0
+
+    def step(self, x_t, i, generator=None):
+        """One step from the i-th kept timestep to the one before it (to x_0 at i = 0).
+
+        Returns (x at the previous kept timestep, x0_hat); no noise is added at i = 0.
+        """
+        t = torch.full((x_t.shape[0],), self.timesteps[i], dtype=torch.long, device=x_t.device)
+        output = self.model(x_t, t).to(x_t.dtype)
+        if self.sampler == "ddim":
+            mean, std, x_0 = self.ddim_mean_std(output, x_t, t, i)
+        else:
+            mean, std, x_0 = self.ancestral_mean_std(output, x_t, t, i)
+        if i == 0 or std is None:
+            return mean, x_0
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return mean + std * noise, x_0
 
     def p_sample(self, x_t, time_step, generator=None):
-        """One step x_t -> x_{t-1}; no noise is added at t = 0."""
-        t = torch.full((x_t.shape[0],), time_step, dtype=torch.long, device=x_t.device)
-        output = self.model(x_t, t).to(x_t.dtype)
-        mean, log_var, _ = self.p_mean_variance(
-            output, x_t, t, self.mean_type, self.var_type, self.clip_denoised)
-        if time_step == 0:
-            return mean
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        return mean + torch.exp(0.5 * log_var) * noise
+        """step(x_t, time_step)[0]; on the default full chain, x_t -> x_{t-1} of Algorithm 2."""
+        return self.step(x_t, time_step, generator)[0]
 
     @torch.no_grad()
     def forward(self, x_T, generator=None):
-        x_t = x_T
-        for time_step in reversed(range(self.T)):
-            x_t = self.p_sample(x_t, time_step, generator)
+        """x_0 in [-1, 1] from x_T ~ N(0, I), which enters at the last kept timestep."""
+        return self.denoise(x_T, self.timesteps[-1], generator)
+
+    @torch.no_grad()
+    def denoise(self, x_t, t, generator=None):
+        """Run the reverse chain from x_t at kept timestep t down to x_0, clamped to [-1, 1]."""
+        if t not in self.timesteps:
+            nearest = min(self.timesteps, key=lambda kept: abs(kept - t))
+            raise ValueError(f"t={t} is not one of this sampler's timesteps (nearest: {nearest})")
+        for i in reversed(range(self.timesteps.index(t) + 1)):
+            x_t, _ = self.step(x_t, i, generator)
         return x_t.clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def calc_bpd_loop(self, x_0, progress=False, generator=None):
+        """The variational bound of x_0 (official calc_bpd_loop), every term in bits/dim.
+
+        Over the full T-step chain whatever the sampler, with x0_hat clipped if clip_denoised:
+            terms_bpd (B, T): L_{t-1} at column t (L_0, the decoder NLL, at t = 0)
+            prior_bpd (B,):   L_T = KL(q(x_T | x_0) || N(0, I))
+            total_bpd (B,):   sum of terms_bpd + prior_bpd
+            mse (B, T):       mean squared error of x0_hat to x_0 at each t
+        All float64; x_t ~ q(x_t | x_0) is drawn afresh for every t.
+        """
+        terms = x_0.new_zeros((x_0.shape[0], self.T), dtype=torch.float64)
+        mse = torch.zeros_like(terms)
+        for time_step in tqdm(reversed(range(self.T)), total=self.T, desc="bits/dim",
+                              disable=not progress, leave=False):
+            t = torch.full((x_0.shape[0],), time_step, dtype=torch.long, device=x_0.device)
+            noise = torch.randn(x_0.shape, generator=generator, device=x_0.device, dtype=x_0.dtype)
+            x_t = self.q_sample(x_0, t, noise)
+            terms[:, time_step], pred_x_0 = self.vb_terms_bpd(
+                self.model(x_t, t), x_0, x_t, t, self.mean_type, self.var_type, self.clip_denoised)
+            mse[:, time_step] = mean_flat((pred_x_0 - x_0.double()) ** 2)
+        prior = self.prior_bpd(x_0)
+        return {"total_bpd": terms.sum(1) + prior, "prior_bpd": prior, "terms_bpd": terms,
+                "mse": mse}

@@ -1,0 +1,300 @@
+"""Fast samplers (DDIM, strided ancestral), progressive sampling and interpolation.
+
+The references below are written from the formulas of REFERENCE.md sec. 1 in numpy float64,
+independently of diffusion.py; the sampler runs the same deterministic toy model in float64
+and draws its noise from a generator that the reference replays in the same order.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion import GaussianDiffusionSampler, sample_timesteps
+from tools import interpolate, progressive_samples, save_interpolation, save_progressive
+
+T, BETA_1, BETA_T = 40, 1e-3, 0.3
+SHAPE = (3, 1, 4, 4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: OpenMP threads on 2 (often busy) cores cost far more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def schedule(beta_1=BETA_1, beta_T=BETA_T, steps=T):
+    betas = np.linspace(beta_1, beta_T, steps)
+    return betas, np.cumprod(1.0 - betas)
+
+
+def toy_output(x, t):
+    """A fixed nonlinear function of (x, t), large enough that x0_hat is often clipped."""
+    return np.tanh(1.3 * x) * np.cos(0.05 * t) + 0.4 * np.sin(2.0 * x + 0.1 * t)
+
+
+class ToyModel(torch.nn.Module):
+    def forward(self, x, t):
+        return torch.from_numpy(toy_output(x.numpy(), t.numpy().reshape(-1, 1, 1, 1)))
+
+
+def x0_from_output(output, x, t, mean_type, abar, c1, c2):
+    if mean_type == "epsilon":
+        return (x - np.sqrt(1.0 - abar[t]) * output) / np.sqrt(abar[t])
+    if mean_type == "xprev":
+        return (output - c2[t] * x) / c1[t]
+    return output
+
+
+def posterior_coefficients(betas):
+    """abar, c1, c2 and betatilde of eq. 6-7 for a chain with these betas."""
+    abar = np.cumprod(1.0 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    c1 = betas * np.sqrt(abar_prev) / (1.0 - abar)
+    c2 = (1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar)
+    return abar, c1, c2, betas * (1.0 - abar_prev) / (1.0 - abar)
+
+
+def reference_ancestral(x, noise, kept, mean_type, var_type):
+    """Ancestral sampling on the chain through the kept timesteps (all of them: Algorithm 2):
+    beta_i = 1 - abar_{t_i} / abar_{t_{i-1}}, the model called at t_i, x0_hat clipped."""
+    abar_full, c1_full, c2_full, _ = posterior_coefficients(schedule()[0])
+    abar = abar_full[kept]
+    betas = 1.0 - abar / np.append(1.0, abar[:-1])
+    _, c1, c2, betatilde = posterior_coefficients(betas)
+    for i in reversed(range(len(kept))):
+        output = toy_output(x, kept[i])
+        x0 = x0_from_output(output, x, kept[i], mean_type, abar_full, c1_full, c2_full)
+        x0 = np.clip(x0, -1, 1)
+        mean = output if mean_type == "xprev" and len(kept) == T else c1[i] * x0 + c2[i] * x
+        if i > 0:
+            var = betas[i] if var_type == "fixedlarge" else betatilde[i]
+            x = mean + np.sqrt(var) * noise.pop(0)
+        else:
+            x = mean
+    return np.clip(x, -1, 1)
+
+
+def reference_ddim(x, noise, kept, eta, clip):
+    """Song et al. eq. 12 on the kept timesteps; with clip, x0_hat is clipped and eps_hat
+    re-derived from it, without it eps_hat is the model output (the official DDIM code)."""
+    _, abar_full = schedule()
+    for i in reversed(range(len(kept))):
+        a_t = abar_full[kept[i]]
+        a_s = abar_full[kept[i - 1]] if i > 0 else 1.0
+        eps = toy_output(x, kept[i])
+        x0 = (x - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)
+        if clip:
+            x0 = np.clip(x0, -1, 1)
+            eps = (x - np.sqrt(a_t) * x0) / np.sqrt(1.0 - a_t)
+        sigma = eta * np.sqrt((1.0 - a_s) / (1.0 - a_t)) * np.sqrt(1.0 - a_t / a_s)
+        x = np.sqrt(a_s) * x0 + np.sqrt(1.0 - a_s - sigma ** 2) * eps
+        if i > 0 and eta > 0:
+            x = x + sigma * noise.pop(0)
+    return np.clip(x, -1, 1)
+
+
+def run_both(sampler, reference, draws):
+    """The sampler's output and the reference's on the same x_T and the same noise draws."""
+    generator = torch.Generator().manual_seed(0)
+    x_T = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
+    state = generator.get_state()
+    noise = [torch.randn(SHAPE, generator=generator, dtype=torch.float64).numpy()
+             for _ in range(draws)]
+    generator.set_state(state)
+    return sampler(x_T, generator=generator).numpy(), reference(x_T.numpy(), noise)
+
+
+def test_timesteps_follow_the_official_ddim_definitions():
+    assert sample_timesteps(1000, 50, "uniform") == list(range(0, 1000, 20))
+    assert sample_timesteps(1000, 1000, "uniform") == list(range(1000))
+    assert len(sample_timesteps(1000, 300, "uniform")) == 334  # range(0, 1000, 3)
+    quadratic = sample_timesteps(1000, 50, "quadratic")
+    official = [int(s) for s in np.linspace(0, np.sqrt(1000 * 0.8), 50) ** 2]
+    assert quadratic == sorted(set(official)) and quadratic[-1] == 800
+    assert len(quadratic) == 49  # 0 appears twice in the official list
+
+
+@pytest.mark.parametrize("mean_type", ["epsilon", "xstart", "xprev"])
+@pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])
+def test_default_sampler_is_algorithm_2(mean_type, var_type):
+    sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, mean_type=mean_type,
+                                       var_type=var_type)
+    ours, ref = run_both(sampler, lambda x, z: reference_ancestral(
+        x, z, list(range(T)), mean_type, var_type), T - 1)
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("skip_type,kept", [
+    ("uniform", list(range(0, T, T // 7))),
+    ("quadratic", sorted({int(s) for s in np.linspace(0, math.sqrt(0.8 * T), 7) ** 2}))])
+@pytest.mark.parametrize("mean_type", ["epsilon", "xprev"])
+@pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])
+def test_strided_ancestral_sampling_runs_the_respaced_chain(skip_type, kept, mean_type, var_type):
+    sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, mean_type=mean_type,
+                                       var_type=var_type, sample_steps=7, skip_type=skip_type)
+    assert sampler.timesteps == kept
+    ours, ref = run_both(sampler, lambda x, z: reference_ancestral(
+        x, z, kept, mean_type, var_type), len(kept) - 1)
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("skip_type,steps", [("uniform", 8), ("quadratic", 10), ("uniform", T)])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("clip", [True, False])
+def test_ddim_matches_the_update_of_song_et_al(skip_type, steps, eta, clip):
+    sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, sampler="ddim",
+                                       sample_steps=steps, eta=eta, skip_type=skip_type,
+                                       clip_denoised=clip)
+    kept = sampler.timesteps
+    draws = len(kept) - 1 if eta > 0 else 0
+    ours, ref = run_both(sampler, lambda x, z: reference_ddim(x, z, kept, eta, clip), draws)
+    np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-11)
+
+
+def test_ddim_with_eta_1_on_every_step_is_ancestral_sampling_with_fixedsmall():
+    """sigma_t^2 = (1 - abar_{t-1}) / (1 - abar_t) beta_t = betatilde_t, and the DDIM mean
+    sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - sigma_t^2) eps_hat is then
+    c1 x0_hat + c2 x_t."""
+    outputs = []
+    for kwargs in ({"sampler": "ddim", "eta": 1.0}, {"var_type": "fixedsmall"}):
+        sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, **kwargs)
+        generator = torch.Generator().manual_seed(3)
+        outputs.append(sampler(torch.randn(SHAPE, generator=generator, dtype=torch.float64),
+                               generator=generator))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
+
+
+M, S = 0.1, 0.2  # the oracle's data distribution N(M, S^2): clipping at +-1 is 4.5 S away
+
+
+class GaussianOracle(torch.nn.Module):
+    """E[eps | x_t] for x_0 ~ N(M, S^2) per pixel:
+    sqrt(1 - a) (x_t - sqrt(a) M) / (a S^2 + 1 - a), a = abar_t."""
+
+    def __init__(self, alphas_bar):
+        super().__init__()
+        self.register_buffer("alphas_bar", torch.from_numpy(alphas_bar))
+
+    def forward(self, x, t):
+        a = self.alphas_bar[t].view(-1, *[1] * (x.dim() - 1))
+        return (1 - a).sqrt() * (x - a.sqrt() * M) / (a * S ** 2 + 1 - a)
+
+
+def ddim_oracle_output(kept, alphas_bar):
+    """Mean and std of DDIM's (eta = 0) output with the oracle, x_T ~ N(0, 1), in float64.
+
+    With the oracle every step is affine, x_s = A x_t + B: mean <- A mean + B, std <- |A| std.
+    """
+    mean, std = 0.0, 1.0
+    for i in reversed(range(len(kept))):
+        a = alphas_bar[kept[i]]
+        a_s = alphas_bar[kept[i - 1]] if i > 0 else 1.0
+        k = math.sqrt(1 - a) / (a * S ** 2 + 1 - a)       # eps_hat = k (x_t - sqrt(a) M)
+        # x_s = sqrt(a_s) (x_t - sqrt(1 - a) eps_hat) / sqrt(a) + sqrt(1 - a_s) eps_hat
+        slope = math.sqrt(a_s / a) * (1 - math.sqrt(1 - a) * k) + math.sqrt(1 - a_s) * k
+        intercept = ((math.sqrt(a_s / a) * math.sqrt(1 - a) - math.sqrt(1 - a_s))
+                     * k * math.sqrt(a) * M)
+        mean, std = slope * mean + intercept, abs(slope) * std
+    return mean, std
+
+
+@pytest.mark.parametrize("skip_type,steps,tolerance", [
+    ("uniform", 50, 0.15), ("uniform", 100, 0.08),
+    ("quadratic", 50, 0.05), ("quadratic", 100, 0.025)])
+def test_ddim_with_the_gaussian_oracle_recovers_the_data_distribution(skip_type, steps, tolerance):
+    """DDIM with eta = 0 integrates the probability-flow ODE with first-order (Euler) steps, so
+    even with the exact eps its output std misses S by about C / steps. The recursion above
+    gives that output exactly: std / S - 1 = -0.119 and -0.062 (uniform, 50 and 100 steps),
+    -0.039 and -0.020 (quadratic), halving with twice the steps as a first-order method's
+    error does; `tolerance` is that error rounded up. The mean is M to within 1e-3 (x_T enters
+    at the last kept step with mean 0, not sqrt(abar) M). The samples must match the exact
+    output to within their own sampling error, and so (M, S) to within the tolerance."""
+    _, alphas_bar = schedule(1e-4, 0.02, 1000)
+    sampler = GaussianDiffusionSampler(GaussianOracle(alphas_bar), 1e-4, 0.02, 1000,
+                                       sampler="ddim", sample_steps=steps, skip_type=skip_type)
+    exact_mean, exact_std = ddim_oracle_output(sampler.timesteps, alphas_bar)
+    assert abs(exact_mean - M) < 1e-3 and abs(exact_std / S - 1) < tolerance
+
+    n = 2 ** 16
+    x_T = torch.randn((n // 16, 1, 4, 4), generator=torch.Generator().manual_seed(0),
+                      dtype=torch.float64)
+    samples = sampler(x_T)
+    mean, std = samples.mean().item(), samples.std().item()
+    # the output is affine in x_T, so its error is that of x_T's empirical mean and std
+    assert abs(mean - exact_mean) < 5 * exact_std / math.sqrt(n)
+    assert abs(std - exact_std) < 5 * exact_std / math.sqrt(2 * n)
+    assert abs(mean - M) < 2e-3 and abs(std / S - 1) < tolerance
+
+
+def test_bad_sampler_arguments_raise():
+    def make(**kwargs):
+        return GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, **kwargs)
+
+    with pytest.raises(ValueError, match="ddpm, ddim"):
+        make(sampler="ddpm2")
+    with pytest.raises(ValueError, match="uniform, quadratic"):
+        make(sampler="ddim", skip_type="quad")
+    for steps in (0, T + 1):
+        with pytest.raises(ValueError, match="sample_steps"):
+            make(sampler="ddim", sample_steps=steps)
+    with pytest.raises(ValueError, match="at least 2 timesteps"):
+        make(sample_steps=1)
+    assert make(sampler="ddim", sample_steps=1).timesteps == [0]
+    with pytest.raises(ValueError, match="eta"):
+        make(sampler="ddim", eta=1.5)
+    with pytest.raises(ValueError, match="eta"):
+        make(eta=0.5)
+    with pytest.raises(ValueError, match="learned"):
+        make(var_type="learned", sample_steps=10)
+    with pytest.raises(ValueError, match="not one of this sampler's timesteps"):
+        make(sampler="ddim", sample_steps=10).denoise(torch.zeros(SHAPE, dtype=torch.float64), 5)
+
+
+def test_progressive_sampling_records_every_kth_step_and_saves(tmp_path):
+    sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, var_type="fixedsmall")
+    generator = torch.Generator().manual_seed(0)
+    x_T = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
+    progressive = progressive_samples(sampler, x_T, every=10, generator=generator)
+    assert progressive["timesteps"].tolist() == [30, 20, 10, 0]
+    assert progressive["x_t"].shape == progressive["pred_xstart"].shape == (3, 4, 1, 4, 4)
+    generator.manual_seed(0)
+    x_T = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
+    samples = sampler(x_T, generator=generator)
+    torch.testing.assert_close(progressive["samples"], samples, rtol=0, atol=0)
+    # at t = 0 the mean is c1 x0_hat + c2 x_t with c1 = 1, c2 = 0 up to rounding
+    torch.testing.assert_close(progressive["pred_xstart"][:, -1], samples, rtol=1e-12, atol=1e-12)
+
+    paths = save_progressive(progressive, tmp_path)
+    assert len(paths) == 4
+    with Image.open(paths[0]) as strip:
+        assert strip.size == (4 * 6 + 2, 2 * 6 + 2)  # 4 columns, 2 rows of 4 px + 2 px padding
+    with Image.open(paths[-1]) as gif:
+        assert gif.n_frames == 4
+
+
+def test_interpolation_shares_the_noise_across_lambdas(tmp_path):
+    sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, sampler="ddim",
+                                       sample_steps=10, eta=1.0)
+    x0_a = torch.full(SHAPE, -0.5, dtype=torch.float64)
+    x0_b = torch.full(SHAPE, 0.5, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    mixed = interpolate(sampler, x0_a, x0_b, 20, [0.0, 0.5, 1.0], generator)
+    assert mixed.shape == (3, 3, 1, 4, 4)
+
+    generator.manual_seed(0)
+    noise = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
+    t = torch.full((3,), 20)
+    state = generator.get_state()
+    for column, x_0 in ((0, x0_a), (2, x0_b)):
+        generator.set_state(state)
+        expected = sampler.denoise(sampler.q_sample(x_0, t, noise), 20, generator)
+        torch.testing.assert_close(mixed[:, column], expected, rtol=1e-12, atol=1e-12)
+
+    save_interpolation(tmp_path / "interp_t20.png", x0_a, x0_b, mixed)
+    with Image.open(tmp_path / "interp_t20.png") as grid:
+        assert grid.size == (5 * 6 + 2, 3 * 6 + 2)
