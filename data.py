@@ -150,3 +150,18 @@ def build_dataset(name, root, img_size, train=True, flip=None, channels=None):
         raise DatasetError(f"{name}: data_root {root} is not a folder of images")
     return ImageFiles(root, image_transform(img_size, flip, channels))
 
+
+
+def as_tensor(dataset):
+    """The whole dataset as one tensor (uint8 0..255, or float in [-1, 1]) for holding on
+    the GPU, or None when it is not already in memory at its training size."""
+    if isinstance(dataset, datasets.CIFAR10) and not dataset.transform.transforms[:-2]:
+        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    if isinstance(dataset, TransformedTensors) and dataset.images.shape[-1] == dataset.img_size:
+        return to_signed_unit(dataset.images)
+    return None
+
+
+def from_stored(images):
+    """A batch of as_tensor's images as float in [-1, 1]."""
+    return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images

@@ -23,11 +23,12 @@ from tqdm import tqdm
 import checkpoint
 import data
 import distributed
+import speed
 from diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer
 from model import UNet
 
 # Independent random streams, each seeded by (seed, stream, step).
-DATA_ORDER, FLIP, TIMESTEP_NOISE, X_T, SAMPLE_NOISE = range(5)
+DATA_ORDER, TIMESTEP_NOISE, X_T, SAMPLE_NOISE = range(4)
 
 
 def stream_seed(*key):
@@ -43,14 +44,15 @@ class GlobalBatchSampler(Sampler):
     takes the r-th of world_size equal parts and cuts it into accum_steps micro-batches.
     """
 
-    def __init__(self, dataset_size, global_batch, world_size, rank, accum_steps, seed, start):
+    def __init__(self, dataset_size, global_batch, world_size, rank, accum_steps, seed, start,
+                 device="cpu"):
         self.per_epoch = dataset_size // global_batch
         if self.per_epoch == 0:
             raise data.DatasetError(f"the dataset has {dataset_size} images, fewer than one "
                                     f"batch of {global_batch}")
         self.size, self.global_batch = dataset_size, global_batch
         self.world_size, self.rank, self.accum_steps = world_size, rank, accum_steps
-        self.seed, self.start = seed, start
+        self.seed, self.start, self.device = seed, start, device
 
     def __iter__(self):
         local = self.global_batch // self.world_size
@@ -58,18 +60,34 @@ class GlobalBatchSampler(Sampler):
         for g in range(self.start, 2 ** 62):
             if g // self.per_epoch != epoch:
                 epoch = g // self.per_epoch
-                order = torch.randperm(
-                    self.size, generator=torch.Generator().manual_seed(stream_seed(self.seed, DATA_ORDER, epoch)))
+                order = torch.randperm(self.size, generator=torch.Generator().manual_seed(
+                    stream_seed(self.seed, DATA_ORDER, epoch))).to(self.device)
             first = (g % self.per_epoch) * self.global_batch + self.rank * local
-            for micro in order[first:first + local].chunk(self.accum_steps):
-                yield micro.tolist()
+            yield from order[first:first + local].chunk(self.accum_steps)
+
+
+def device_batches(images, batch_sampler):
+    """(batch, None) pairs cut from a dataset held whole on the device: no loader, no copies."""
+    for indices in batch_sampler:
+        yield data.from_stored(images[indices]), None
+
+
+def loader_batches(dataset, batch_sampler, flags, device):
+    loader = DataLoader(
+        dataset, num_workers=flags.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=flags.num_workers > 0,
+        # its own generator: creating the iterator must not draw from the dropout RNG
+        generator=torch.Generator().manual_seed(stream_seed(flags.seed, DATA_ORDER)),
+        batch_sampler=(indices.tolist() for indices in batch_sampler))
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y
 
 
 def global_batch_draws(seed, step, global_batch, img_shape, T, device):
-    """Flip mask, timesteps and noise for the whole global batch of this step."""
-    flip_gen = torch.Generator().manual_seed(stream_seed(seed, FLIP, step))
-    flip = (torch.rand(global_batch, generator=flip_gen) < 0.5).to(device)
+    """Flip mask, timesteps and noise for the whole global batch of this step, drawn on
+    the device (seeding a generator there needs no synchronisation)."""
     gen = torch.Generator(device).manual_seed(stream_seed(seed, TIMESTEP_NOISE, step))
+    flip = torch.rand(global_batch, generator=gen, device=device) < 0.5
     t = torch.randint(T, (global_batch,), generator=gen, device=device)
     noise = torch.randn((global_batch, *img_shape), generator=gen, device=device)
     return flip, t, noise
@@ -144,9 +162,10 @@ def train(flags, device_type):
                                  flip=False, channels=flags.img_channels)
     random_flip = data.default_flip(flags.dataset)
 
-    net = build_model(flags).to(device)
+    fast = speed.settings(flags, device_type, world_size)
+    net = speed.to_layout(build_model(flags).to(device), fast)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=flags.lr)
+    optimizer = speed.adam(net.parameters(), flags.lr, fast)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=warmup_lr(flags.warmup))
     x_T = torch.randn((flags.sample_size, *img_shape),
                       generator=torch.Generator().manual_seed(stream_seed(flags.seed, X_T)))
@@ -164,16 +183,17 @@ def train(flags, device_type):
     x_T = x_T.to(device)
 
     ddp_net = DistributedDataParallel(net) if world_size > 1 else net
-    trainer = GaussianDiffusionTrainer(ddp_net, flags.beta_1, flags.beta_T, flags.T, flags.mean_type).to(device)
-    ema_sampler = build_sampler(flags, ema).to(device)
+    trainer = GaussianDiffusionTrainer(speed.fast(ddp_net, fast), flags.beta_1, flags.beta_T,
+                                       flags.T, flags.mean_type).to(device)
+    ema_sampler = build_sampler(flags, speed.fast(ema, fast)).to(device)
 
-    batches = iter(DataLoader(
-        dataset, num_workers=flags.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=flags.num_workers > 0,
-        # its own generator: creating the iterator must not draw from the dropout RNG
-        generator=torch.Generator().manual_seed(stream_seed(flags.seed, DATA_ORDER)),
-        batch_sampler=GlobalBatchSampler(len(dataset), flags.batch_size, world_size, rank,
-                                         flags.accum_steps, flags.seed, start)))
+    stored = data.as_tensor(dataset) if fast.data_on_device else None
+    batch_sampler = GlobalBatchSampler(len(dataset), flags.batch_size, world_size, rank, flags.accum_steps,
+                                       flags.seed, start, device if stored is not None else "cpu")
+    if stored is not None:
+        batches = device_batches(stored.to(device), batch_sampler)
+    else:
+        batches = loader_batches(dataset, batch_sampler, flags, device)
 
     writer = SummaryWriter(flags.logdir) if is_main else None
     if is_main:
@@ -198,6 +218,7 @@ def train(flags, device_type):
             writer.add_image("sample", grid(images), step)
         distributed.barrier()
 
+    evaluator = evaluate.make_evaluator(flags, device) if flags.eval_step > 0 else None
     stop = StopRequest()
     loss_sum, loss_count = torch.zeros((), device=device), 0
     progress = tqdm(total=flags.total_steps, initial=start, disable=not is_main, dynamic_ncols=True)
@@ -207,7 +228,6 @@ def train(flags, device_type):
         flip, t, noise = global_batch_draws(flags.seed, step - 1, flags.batch_size, img_shape, flags.T, device)
         for micro in range(flags.accum_steps):
             x_0, _ = next(batches)
-            x_0 = x_0.to(device, non_blocking=True)
             part = slice((rank * flags.accum_steps + micro) * micro_batch,
                          (rank * flags.accum_steps + micro + 1) * micro_batch)
             if random_flip:
@@ -237,7 +257,7 @@ def train(flags, device_type):
         if flags.sample_step > 0 and step % flags.sample_step == 0:
             sample(step)
         if flags.eval_step > 0 and step % flags.eval_step == 0:
-            evaluate.evaluate_during_training(flags, ema, step, writer)
+            evaluate.evaluate_during_training(flags, evaluator, ema_sampler, step, writer)
         stopping = stop.requested if world_size == 1 else (
             step % flags.log_step == 0 and distributed.any_rank(stop.requested, device))
         if step % flags.save_step == 0 or step == flags.total_steps or stopping:
