@@ -73,6 +73,12 @@ def all_reduce_mean(tensor):
     return tensor
 
 
+def all_reduce_sum(tensor):
+    if is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def any_rank(flag, device):
     """True on every rank when `flag` is true on any rank (a stop request, say)."""
     if not is_initialized():

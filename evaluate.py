@@ -9,16 +9,20 @@ import os
 import time
 
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
 from torchvision.utils import save_image
 from tqdm import tqdm
 
 import checkpoint
+import data
 import distributed
 import speed
+import tools
 from score import Evaluator, gather, load_images, save_images
 from train import build_model, build_sampler, grid, stream_seed
 
-EVAL_NOISE = 4  # a stream beside train.py's
+EVAL_NOISE, BPD_NOISE, INSPECT_NOISE = 4, 5, 6  # streams beside train.py's
 GRID_IMAGES = 256
 
 
@@ -119,3 +123,65 @@ def evaluate_during_training(flags, evaluator, sampler, step, writer):
     images, _, _ = generate(flags, sampler, flags.eval_num_images, sampler.betas.device,
                             desc=f"evaluating step {step}")
     report(flags, score(evaluator, (images + 1) / 2), step, writer)
+
+
+def bits_per_dim(flags, device_type):
+    """--bpd: the variational bound of the EMA model on a dataset split (official
+    calc_bpd_loop), each process on its contiguous share, the sums combined."""
+    device = distributed.local_device(device_type)
+    ema, _ = load_ema(flags, device)
+    # fp32 network: every bound term after it is float64
+    sampler = build_sampler(flags, ema, full_chain=True).to(device)
+    dataset = data.build_dataset(flags.dataset, flags.data_root, flags.img_size,
+                                 train=flags.bpd_split == "train", flip=False, channels=flags.img_channels)
+    first, last = my_block(min(len(dataset), flags.bpd_num_images or len(dataset)))
+    loader = DataLoader(Subset(dataset, range(first, last)), batch_size=flags.eval_batch_size,
+                        num_workers=flags.num_workers)
+    generator = torch.Generator(device).manual_seed(stream_seed(flags.seed, BPD_NOISE, distributed.rank()))
+    sums = tools.bpd_sums(sampler, loader, progress=distributed.is_main(), generator=generator)
+    sums = {name: distributed.all_reduce_sum(value) for name, value in sums.items()}
+    if distributed.is_main():
+        summary = tools.save_bpd(sums, flags.logdir)
+        print(f"bits/dim {summary['total_bpd']:.4f} +- {summary['total_bpd_stderr']:.4f} "
+              f"(prior {summary['prior_bpd']:.2e}) over {summary['num_images']} {flags.bpd_split} "
+              f"images; wrote {os.path.join(flags.logdir, 'bpd.json')} and bpd.png")
+
+
+def interpolation_image(flags, name, dataset):
+    """--interp_images entry: an index into the training set, or an image file."""
+    if name.isdigit():
+        return dataset[int(name)][0]
+    try:
+        with Image.open(name) as image:
+            return data.image_transform(flags.img_size, False, flags.img_channels)(image.convert("RGB"))
+    except OSError as error:
+        raise data.DatasetError(f"--interp_images: {name} is neither a training-set index nor a "
+                                f"readable image ({error})") from None
+
+
+def look_inside(flags, device_type):
+    """--progressive_every and --interp_t with the EMA model, on the main process."""
+    if not distributed.is_main():
+        return
+    device = distributed.local_device(device_type)
+    ema, _ = load_ema(flags, device)
+    sampler = build_sampler(flags, ema).to(device)
+    generator = torch.Generator(device).manual_seed(stream_seed(flags.seed, INSPECT_NOISE))
+    if flags.progressive_every > 0:
+        x_T = torch.randn((flags.sample_size, flags.img_channels, flags.img_size, flags.img_size),
+                          generator=generator, device=device)
+        progressive = tools.progressive_samples(sampler, x_T, flags.progressive_every, generator)
+        paths = tools.save_progressive(progressive, os.path.join(flags.logdir, "progressive"))
+        print(f"wrote {len(paths) - 1} strips and {paths[-1]}")
+    if flags.interp_t:
+        dataset = data.build_dataset(flags.dataset, flags.data_root, flags.img_size, train=True,
+                                     flip=False, channels=flags.img_channels)
+        x0_a, x0_b = (interpolation_image(flags, name, dataset)[None].to(device)
+                      for name in flags.interp_images)
+        lambdas = torch.linspace(0, 1, flags.interp_lambdas).tolist()
+        folder = os.path.join(flags.logdir, "interpolation")
+        os.makedirs(folder, exist_ok=True)
+        for t in map(int, flags.interp_t):
+            mixed = tools.interpolate(sampler, x0_a, x0_b, t, lambdas, generator)
+            tools.save_interpolation(os.path.join(folder, f"t{t}.png"), x0_a, x0_b, mixed)
+        print(f"wrote {len(flags.interp_t)} interpolation grids under {folder}")

@@ -16,7 +16,8 @@ import checkpoint
 import data
 import distributed
 import model
-from diffusion import MEAN_TYPES, VAR_TYPES
+from diffusion import (LOSS_TYPES, MEAN_TYPES, SAMPLERS, SKIP_TYPES, VAR_TYPES,
+                       GaussianDiffusionSampler, GaussianDiffusionTrainer)
 from score import ScoreError
 
 FLAGS = flags.FLAGS
@@ -35,7 +36,15 @@ flags.DEFINE_float("beta_1", 1e-4, "first beta of the linear schedule")
 flags.DEFINE_float("beta_T", 0.02, "last beta of the linear schedule")
 flags.DEFINE_integer("T", 1000, "number of diffusion steps")
 flags.DEFINE_enum("mean_type", "epsilon", MEAN_TYPES, "what the network predicts")
-flags.DEFINE_enum("var_type", "fixedlarge", VAR_TYPES, "reverse-process variance")
+flags.DEFINE_enum("var_type", "fixedlarge", VAR_TYPES, "reverse-process variance (learned: "
+                  "the network also outputs the log-variance; needs --loss_type=kl)")
+flags.DEFINE_enum("loss_type", "mse", LOSS_TYPES, "mse: Algorithm 1; kl: the variational bound term")
+# Sampling (training-time grids, --eval, training-time FID)
+flags.DEFINE_enum("sampler", "ddpm", SAMPLERS, "ddpm: ancestral (strided when --sample_steps < T); ddim")
+flags.DEFINE_integer("sample_steps", 0, "sampler steps (0: all T)")
+flags.DEFINE_float("eta", 0.0, "DDIM noise scale: 0 deterministic, 1 ancestral-like")
+flags.DEFINE_enum("skip_type", "uniform", SKIP_TYPES, "which timesteps a strided sampler keeps")
+flags.DEFINE_bool("clip_denoised", True, "clip x0_hat to [-1, 1] before forming the mean")
 # Data
 flags.DEFINE_enum("dataset", "cifar10", list(data.DATASETS), "training data")
 flags.DEFINE_string("data_root", "./data", "where the dataset lives (a folder of images for 'folder')")
@@ -82,6 +91,17 @@ flags.DEFINE_string("inception_weights", None, "pt_inception-2015-12-05-6726825d
 flags.DEFINE_bool("fid_quantize", True, "round samples to 8 bits before scoring, as a saved PNG is")
 flags.DEFINE_string("eval_dir", None, "with --eval: score this folder of images (or .npz) instead of sampling")
 flags.DEFINE_string("save_samples", None, "with --eval: also write the samples to this folder (PNGs) or .npz")
+# Looking inside (EMA model of <logdir>/ckpt.pt)
+flags.DEFINE_bool("bpd", False, "the variational bound in bits/dim on --bpd_split; writes bpd.json, bpd.png")
+flags.DEFINE_enum("bpd_split", "test", ["train", "test"], "dataset split for --bpd")
+flags.DEFINE_integer("bpd_num_images", 0, "images for --bpd (0: the whole split)")
+flags.DEFINE_integer("progressive_every", 0, "write x_t and x0_hat every N sampler steps for "
+                     "--sample_size samples as PNG strips and a GIF under <logdir>/progressive (0: off)")
+flags.DEFINE_list("interp_t", [], "interpolate at these timesteps: diffuse, mix, denoise; "
+                  "writes <logdir>/interpolation/t<t>.png")
+flags.DEFINE_list("interp_images", ["0", "1"], "the two images to interpolate: training-set "
+                  "indices or image files")
+flags.DEFINE_integer("interp_lambdas", 9, "mixing weights from 0 to 1 in the interpolation grid")
 flags.DEFINE_bool("fid_use_torch", False, "accepted for the seed's flagfiles; the Frechet "
                   "distance is always the exact float64 one, on the evaluation device")
 
@@ -161,8 +181,22 @@ def check_writable(folder):
 
 def validate(world_size, device):
     """Every check that needs no data and no model: one line per problem, before any work."""
-    if not (FLAGS.train or FLAGS.eval):
-        raise ConfigError("nothing to do: pass --train and/or --eval")
+    inspecting = FLAGS.bpd or FLAGS.progressive_every > 0 or FLAGS.interp_t
+    if not (FLAGS.train or FLAGS.eval or inspecting):
+        raise ConfigError("nothing to do: pass --train, --eval, --bpd, --progressive_every or --interp_t")
+    try:  # the diffusion classes check their own arguments; no model is needed for that
+        GaussianDiffusionTrainer(None, FLAGS.beta_1, FLAGS.beta_T, FLAGS.T, FLAGS.mean_type,
+                                 FLAGS.loss_type, FLAGS.var_type)
+        GaussianDiffusionSampler(None, FLAGS.beta_1, FLAGS.beta_T, FLAGS.T, FLAGS.img_size,
+                                 FLAGS.mean_type, FLAGS.var_type, FLAGS.clip_denoised,
+                                 FLAGS.sampler, FLAGS.sample_steps or None, FLAGS.eta, FLAGS.skip_type)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    for t in FLAGS.interp_t:
+        if not (t.isdigit() and int(t) < FLAGS.T):
+            raise ConfigError(f"--interp_t {t} is not a timestep in 0..{FLAGS.T - 1}")
+    if len(FLAGS.interp_images) != 2:
+        raise ConfigError(f"--interp_images takes two images, got {FLAGS.interp_images}")
     if FLAGS.img_channels not in (1, 3):
         raise ConfigError(f"--img_channels must be 1 or 3, got {FLAGS.img_channels}")
     try:
@@ -192,8 +226,9 @@ def validate(world_size, device):
                           "another --logdir; nothing was overwritten")
     if FLAGS.resume and not os.path.exists(ckpt_path):
         raise ConfigError(f"--resume: there is no checkpoint {ckpt_path} to continue from")
-    if FLAGS.eval and not FLAGS.train and not FLAGS.eval_dir and not os.path.exists(ckpt_path):
-        raise ConfigError(f"--eval: there is no checkpoint {ckpt_path}; train first or point "
+    needs_model = (FLAGS.eval and not FLAGS.eval_dir) or inspecting
+    if needs_model and not FLAGS.train and not os.path.exists(ckpt_path):
+        raise ConfigError(f"there is no checkpoint {ckpt_path} to evaluate; train first or point "
                           "--logdir at a run")
 
 
@@ -207,6 +242,10 @@ def run(rank, world_size, device):
             train.train(FLAGS, device)
         if FLAGS.eval:
             evaluate.evaluate(FLAGS, device)
+        if FLAGS.bpd:
+            evaluate.bits_per_dim(FLAGS, device)
+        if FLAGS.progressive_every > 0 or FLAGS.interp_t:
+            evaluate.look_inside(FLAGS, device)
     finally:
         distributed.cleanup()
 

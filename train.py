@@ -94,16 +94,19 @@ def global_batch_draws(seed, step, global_batch, img_shape, T, device):
 
 
 def build_model(flags):
-    var_channels = 2 if getattr(flags, "var_type", None) == "learned" else 1
+    var_channels = 2 if flags.var_type == "learned" else 1
     return UNet(T=flags.T, ch=flags.ch, ch_mult=flags.ch_mult, attn=flags.attn,
                 num_res_blocks=flags.num_res_blocks, dropout=flags.dropout,
                 in_ch=flags.img_channels, out_ch=var_channels * flags.img_channels,
                 img_size=flags.img_size)
 
 
-def build_sampler(flags, net, clip_denoised=True):
+def build_sampler(flags, net, full_chain=False):
+    """The sampler the flags ask for; full_chain: T-step ancestral (for bits/dim)."""
+    fast = {} if full_chain else dict(sampler=flags.sampler, sample_steps=flags.sample_steps or None,
+                                      eta=flags.eta, skip_type=flags.skip_type)
     return GaussianDiffusionSampler(net, flags.beta_1, flags.beta_T, flags.T, flags.img_size,
-                                    flags.mean_type, flags.var_type, clip_denoised)
+                                    flags.mean_type, flags.var_type, flags.clip_denoised, **fast)
 
 
 def warmup_lr(warmup):
@@ -183,8 +186,8 @@ def train(flags, device_type):
     x_T = x_T.to(device)
 
     ddp_net = DistributedDataParallel(net) if world_size > 1 else net
-    trainer = GaussianDiffusionTrainer(speed.fast(ddp_net, fast), flags.beta_1, flags.beta_T,
-                                       flags.T, flags.mean_type).to(device)
+    trainer = GaussianDiffusionTrainer(speed.fast(ddp_net, fast), flags.beta_1, flags.beta_T, flags.T,
+                                       flags.mean_type, flags.loss_type, flags.var_type).to(device)
     ema_sampler = build_sampler(flags, speed.fast(ema, fast)).to(device)
 
     stored = data.as_tensor(dataset) if fast.data_on_device else None
