@@ -33,13 +33,18 @@ class FastModel(nn.Module):
     Holds `net` as given (a DDP wrapper or a compiled module) so the caller keeps its own
     handle on the weights."""
 
-    def __init__(self, net, bf16, channels_last):
+    def __init__(self, net, bf16, channels_last, cuda_graphs=False):
         super().__init__()
         self.net = net
         self.bf16 = bf16
         self.channels_last = channels_last
+        self.cuda_graphs = cuda_graphs
 
     def forward(self, x, t):
+        if self.cuda_graphs:
+            # Each call is a new replay: the previous call's output has been consumed
+            # (loss, backward or sampler update) before the next call.
+            torch.compiler.cudagraph_mark_step_begin()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -57,7 +62,7 @@ def fast(net, speed):
     if speed.compile:
         mode = "reduce-overhead" if speed.cuda_graphs else "default"
         net = torch.compile(net, mode=mode, dynamic=False)
-    return FastModel(net, speed.bf16, speed.channels_last)
+    return FastModel(net, speed.bf16, speed.channels_last, speed.cuda_graphs)
 
 
 def adam(params, lr, speed):

@@ -120,6 +120,15 @@ def ema_update(ema, net, decay):
     torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
 
 
+def apply_gradients(net, ema, optimizer, scheduler, flags):
+    """Clip the gradient norm, take the Adam step on the warmup schedule, update the EMA."""
+    torch.nn.utils.clip_grad_norm_(net.parameters(), flags.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    ema_update(ema, net, flags.ema_decay)
+
+
 def rng_state():
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -242,11 +251,7 @@ def train(flags, device_type):
                 (loss / flags.accum_steps).backward()
             loss_sum += loss.detach()
             loss_count += 1
-        torch.nn.utils.clip_grad_norm_(net.parameters(), flags.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        ema_update(ema, net, flags.ema_decay)
+        apply_gradients(net, ema, optimizer, scheduler, flags)
         progress.update(1)
 
         if step % flags.log_step == 0 or step == flags.total_steps:

@@ -21,15 +21,6 @@ from tools import bpd_sums, save_bpd
 GRID = -1.0 + 2.0 * np.arange(256) / 255.0  # the 8-bit levels on [-1, 1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: OpenMP threads on 2 (often busy) cores cost far more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_normal_kl_matches_numerical_integration():
     for mean1, var1, mean2, var2 in [(0.0, 1.0, 0.0, 1.0), (0.3, 0.5, -0.2, 2.0),
                                      (1.0, 1e-2, 0.9, 3e-2), (-2.0, 4.0, 1.0, 0.5)]:

@@ -18,15 +18,6 @@ T, BETA_1, BETA_T = 40, 1e-3, 0.3
 SHAPE = (3, 1, 4, 4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: OpenMP threads on 2 (often busy) cores cost far more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def schedule(beta_1=BETA_1, beta_T=BETA_T, steps=T):
     betas = np.linspace(beta_1, beta_T, steps)
     return betas, np.cumprod(1.0 - betas)

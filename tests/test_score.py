@@ -18,16 +18,6 @@ from score import (Evaluator, ScoreError, frechet_distance, gather, inception_sc
 from score import digits, fid_cache, inception
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: two OpenMP threads on two cores that other processes also use spin against
-    each other (Inception forwards measured 3-8x slower than on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_spd(dim, generator):
     a = torch.randn(dim, 2 * dim, generator=generator, dtype=torch.float64)
     return a @ a.T / (2 * dim) + 0.1 * torch.eye(dim, dtype=torch.float64)
