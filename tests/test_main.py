@@ -1,8 +1,10 @@
 """main.py end to end, through the command line, on the digits data with a tiny model."""
 import glob
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -113,3 +115,24 @@ def test_existing_checkpoint_needs_resume(tmp_path):
     assert os.path.getmtime(os.path.join(logdir, "ckpt.pt")) == before
     mismatched = run_main("--notrain", "--eval", "--logdir", logdir, "--ch", "64", expect_ok=False)
     assert "does not fit the flags" in mismatched.stderr and "Traceback" not in mismatched.stderr
+
+
+def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
+    logdir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py"), *TINY, "--train", "--logdir", str(logdir),
+         "--total_steps", "100000", "--save_step", "100000", "--sample_step", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not glob.glob(str(logdir / "events.out.tfevents.*")) and time.time() < deadline:
+        time.sleep(0.2)  # the TensorBoard file appears just before the first step
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "stopped by a signal" in stdout
+    state = weights(str(logdir))
+    assert 1 <= state["step"] < 100000
+    run_main("--train", "--resume", "--logdir", str(logdir), "--total_steps", str(state["step"] + 1),
+             "--sample_step", "0")
+    assert weights(str(logdir))["step"] == state["step"] + 1
