@@ -12,7 +12,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--flagfile", os.path.join(ROOT, "config", "digits.cfg"), "--ch", "32", "--ch_mult", "1",
         "--ch_mult", "2", "--attn", "1", "--num_res_blocks", "1", "--T", "20", "--batch_size", "16",
-        "--sample_size", "4", "--warmup", "0", "--log_step", "1", "--num_workers", "0"]
+        "--sample_size", "4", "--warmup", "0", "--log_step", "1", "--num_workers", "0",
+        "--sampler", "ddpm", "--sample_steps", "0"]
 
 
 def run_main(*args, expect_ok=True):
@@ -63,10 +64,19 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
     assert_same_weights(first, second, atol=1e-6)
 
 
-# Adam divides each gradient by its running RMS, so float rounding in a gradient that is
-# ~0 (summation order differs between the runs) can move that one weight by up to ~lr per
-# step; a wrong data, noise or timestep slice moves nearly every weight by ~lr. lr = 1e-3.
-ADAM_ROUNDING = 5e-5
+def assert_same_updates(first, second, lr=1e-3, steps=3):
+    """Equal up to float rounding amplified by Adam.
+
+    Adam divides each gradient by its running RMS, so rounding in a gradient element that is
+    ~0 (the summation order differs between the runs) can flip that element's update: it
+    moves by up to 2 lr per step. A wrong data, noise or timestep slice instead changes nearly
+    every element. So: a tiny fraction of elements may differ by more than 1e-5, none by more
+    than the Adam bound.
+    """
+    differences = torch.cat([(second[key][name] - tensor).abs().flatten()
+                             for key in ("net_model", "ema_model") for name, tensor in first[key].items()])
+    assert (differences > 1e-5).float().mean() < 1e-3
+    assert differences.max() <= 2 * lr * steps
 
 
 def test_gradient_accumulation_is_one_big_batch(tmp_path):
@@ -74,7 +84,7 @@ def test_gradient_accumulation_is_one_big_batch(tmp_path):
     whole, micro = str(tmp_path / "whole"), str(tmp_path / "micro")
     run_main(*common, "--logdir", whole)
     run_main(*common, "--logdir", micro, "--accum_steps", "4")
-    assert_same_weights(weights(whole), weights(micro), atol=ADAM_ROUNDING)
+    assert_same_updates(weights(whole), weights(micro))
 
 
 def test_two_processes_equal_one(tmp_path):
@@ -83,7 +93,7 @@ def test_two_processes_equal_one(tmp_path):
     run_main(*common, "--logdir", one)
     run_main(*common, "--logdir", two, "--nprocs", "2", "--device", "cpu")
     assert os.path.exists(os.path.join(two, "sample", "2.png"))
-    assert_same_weights(weights(one), weights(two), atol=ADAM_ROUNDING)
+    assert_same_updates(weights(one), weights(two))
     assert len(weights(two)["rng"]) == 2
 
 

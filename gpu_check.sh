@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The device check of the fast path: the GPU-marked tests, then bench.py at the paper's
+# CIFAR10 sizes, in one run of about 7 minutes on one H200. Everything it prints also goes
+# to $OUT/gpu_check.log when OUT is set (the device tool), else to ./gpu_check.log.
+# Needs tensorboardX and pytorch-gan-metrics==0.5.3 beside torch (see BENCHMARKS.md).
+set -o pipefail
+log="${OUT:-.}/gpu_check.log"
+export PYTHONUNBUFFERED=1
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  timeout 330 python3 -m pytest -q -m gpu tests/test_gpu.py
+  timeout 240 python3 bench.py
+} 2>&1 | tee "$log"
