@@ -251,7 +251,10 @@ def run(rank, world_size, device):
 
 
 def spawned(rank, world_size, device, argv):
-    parse_flags(argv)  # a spawned process starts with fresh flags
+    # A spawned process starts with fresh flags. app.run defined --help and friends in the
+    # parent, and saved flagfiles name them, so define them here too.
+    app.define_help_flags()
+    parse_flags(argv)
     try:
         run(rank, world_size, device)
     except EXPECTED_ERRORS as error:
