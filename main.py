@@ -68,7 +68,7 @@ flags.DEFINE_string("logdir", "./logs/DDPM_CIFAR10_EPS", "log directory")
 flags.DEFINE_integer("log_step", 100, "steps between loss reports (tqdm, TensorBoard)")
 flags.DEFINE_integer("sample_size", 64, "images in the training-time sample grid")
 flags.DEFINE_integer("sample_step", 1000, "steps between sample grids (0: never)")
-flags.DEFINE_integer("save_step", 5000, "steps between checkpoints (one is always saved at the end)")
+flags.DEFINE_integer("save_step", 5000, "steps between checkpoints (0: only the one always saved at the end)")
 # Speed (unset: on for CUDA, off for the CPU, where fp32 eager is the reference path)
 flags.DEFINE_enum("precision", None, ["fp32", "bf16"], "arithmetic of the network (bf16: autocast)")
 flags.DEFINE_bool("compile", None, "torch.compile the network")
@@ -207,6 +207,9 @@ def validate(world_size, device):
                  "eval_num_images", "eval_batch_size", "log_step"):
         if getattr(FLAGS, name) < 1:
             raise ConfigError(f"--{name} must be positive, got {getattr(FLAGS, name)}")
+    for name in ("sample_step", "save_step", "eval_step"):
+        if getattr(FLAGS, name) < 0:
+            raise ConfigError(f"--{name} must be a number of steps >= 0 (0: off), got {getattr(FLAGS, name)}")
     if not 0 < FLAGS.beta_1 <= FLAGS.beta_T < 1:
         raise ConfigError(f"need 0 < --beta_1 <= --beta_T < 1, got {FLAGS.beta_1} and {FLAGS.beta_T}")
     per_step = world_size * FLAGS.accum_steps

@@ -271,7 +271,7 @@ def train(flags, device_type):
             evaluate.evaluate_during_training(flags, evaluator, ema_sampler, step, writer)
         stopping = stop.requested if world_size == 1 else (
             step % flags.log_step == 0 and distributed.any_rank(stop.requested, device))
-        if step % flags.save_step == 0 or step == flags.total_steps or stopping:
+        if (flags.save_step > 0 and step % flags.save_step == 0) or step == flags.total_steps or stopping:
             save(step)
         if stopping:
             if is_main:

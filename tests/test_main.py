@@ -89,7 +89,7 @@ def assert_same_updates(first, second, lr=1e-3, steps=3):
 
 
 def test_gradient_accumulation_is_one_big_batch(tmp_path):
-    common = ["--train", "--total_steps", "3", "--dropout", "0", "--save_step", "100", "--sample_step", "0"]
+    common = ["--train", "--total_steps", "3", "--dropout", "0", "--save_step", "0", "--sample_step", "0"]
     whole, micro = str(tmp_path / "whole"), str(tmp_path / "micro")
     run_main(*common, "--logdir", whole)
     run_main(*common, "--logdir", micro, "--accum_steps", "4")
@@ -110,6 +110,7 @@ def test_two_processes_equal_one(tmp_path):
     (["--batch_size", "10", "--accum_steps", "4"], "--batch_size 10 is not divisible by processes x --accum_steps"),
     (["--attn", "3"], "attn level 3 is out of range"),
     (["--img_size", "9"], "img_size 9 is not divisible by 2"),
+    (["--save_step", "-1"], "--save_step must be a number of steps >= 0 (0: off), got -1"),
     (["--dataset", "mnist"], "flag --dataset=mnist: value should be one of"),
     (["--logdir", "/proc/not_here"], "--logdir /proc/not_here is not writable"),
     (["--flagfile", "/no/such.cfg"], "/no/such.cfg"),
