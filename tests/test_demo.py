@@ -1,0 +1,37 @@
+"""The offline demo: config/digits.cfg trains a model whose samples score near real digits."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from data import digits_array
+from score import Evaluator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_demo_configuration_learns_digits(tmp_path):
+    # 600 of the demo's 2500 steps, scored on 500 samples (100 strided ancestral steps). The
+    # EMA horizon shrinks with the run: at decay 0.999 the EMA would still weigh the initial
+    # weights by 0.999^600 = 0.55 after 600 steps.
+    result = subprocess.run(
+        [sys.executable, "main.py", "--flagfile", "config/digits.cfg", "--train", "--eval",
+         "--logdir", str(tmp_path), "--total_steps", "600", "--ema_decay", "0.99", "--sample_step", "0",
+         "--num_images", "500"],
+        capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = json.loads(open(tmp_path / "eval.txt").read().splitlines()[-1])
+
+    evaluator = Evaluator("digits")  # reference: the training digits' statistics
+    generator = torch.Generator().manual_seed(0)
+    noise = evaluator.score(*evaluator.features(torch.rand(500, 1, 8, 8, generator=generator)))
+    held_out = evaluator.score(*evaluator.features(torch.from_numpy(digits_array(train=False)[0])))
+    # Measured (2 CPU cores, torch 2.14.1): this model FID 49.5, IS 6.9; uniform noise FID 661,
+    # IS 3.2; the 297 held-out real digits FID 22.4, IS 8.3 (the full 2500-step demo: FID 10-13).
+    # "Much nearer the real digits than noise": under a fifth of the noise's distance (a margin
+    # of 2.7x over the measured value for run-to-run variation), and an Inception-style score
+    # closer to the real digits' than to the noise's.
+    assert model["FID"] < noise["FID"] / 5
+    assert abs(model["IS"] - held_out["IS"]) < abs(noise["IS"] - held_out["IS"])
