@@ -14,9 +14,19 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 
+def enlarge(images, min_size=32):
+    """Images (N, C, H, W) under min_size pixels wide enlarged by a whole factor (nearest
+    neighbour), so that a person can see 8x8 digits; larger images unchanged."""
+    size = images.shape[-1]
+    if size >= min_size:
+        return images
+    return torch.nn.functional.interpolate(images, scale_factor=-(-min_size // size), mode="nearest")
+
+
 def to_pil(images, nrow):
-    """A grid of images (N, C, H, W) in [-1, 1], nrow per row and 2 px of white between."""
-    grid = make_grid(images.float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    """A grid of images (N, C, H, W) in [-1, 1], enlarged when small, nrow per row and 2 px of
+    white between."""
+    grid = make_grid(enlarge(images.float().cpu()), nrow=nrow, padding=2, pad_value=1.0)
     pixels = ((grid + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
 

@@ -24,6 +24,7 @@ import checkpoint
 import data
 import distributed
 import speed
+import tools
 from diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer
 from model import UNet
 
@@ -157,11 +158,8 @@ class StopRequest:
 
 
 def grid(images):
-    """[-1, 1] images -> one [0, 1] grid image; images under 32 pixels are enlarged (nearest
-    neighbour) so that a person can see them."""
-    if images.shape[-1] < 32:
-        images = torch.nn.functional.interpolate(images, scale_factor=32 // images.shape[-1], mode="nearest")
-    return make_grid((images + 1) / 2, nrow=int(np.ceil(np.sqrt(len(images)))), pad_value=1.0)
+    """[-1, 1] images -> one square [0, 1] grid image, small images enlarged."""
+    return make_grid((tools.enlarge(images) + 1) / 2, nrow=int(np.ceil(np.sqrt(len(images)))), pad_value=1.0)
 
 
 def train(flags, device_type):

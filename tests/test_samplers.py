@@ -263,7 +263,8 @@ def test_progressive_sampling_records_every_kth_step_and_saves(tmp_path):
     paths = save_progressive(progressive, tmp_path)
     assert len(paths) == 4
     with Image.open(paths[0]) as strip:
-        assert strip.size == (4 * 6 + 2, 2 * 6 + 2)  # 4 columns, 2 rows of 4 px + 2 px padding
+        # 4 columns, 2 rows of 4 px images shown at 32 px, 2 px of padding
+        assert strip.size == (4 * 34 + 2, 2 * 34 + 2)
     with Image.open(paths[-1]) as gif:
         assert gif.n_frames == 4
 
@@ -288,4 +289,4 @@ def test_interpolation_shares_the_noise_across_lambdas(tmp_path):
 
     save_interpolation(tmp_path / "interp_t20.png", x0_a, x0_b, mixed)
     with Image.open(tmp_path / "interp_t20.png") as grid:
-        assert grid.size == (5 * 6 + 2, 3 * 6 + 2)
+        assert grid.size == (5 * 34 + 2, 3 * 34 + 2)
