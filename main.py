@@ -7,6 +7,7 @@
 
 This file holds the flags, checks them before any expensive work, and dispatches.
 """
+import contextlib
 import os
 import sys
 
@@ -278,7 +279,12 @@ def main(argv):
     except EXPECTED_ERRORS as error:
         sys.exit(f"error: {error}")
     if FLAGS.train and not FLAGS.resume and distributed.env_rank() == 0:
-        FLAGS.append_flags_into_file(os.path.join(FLAGS.logdir, "flagfile.txt"))
+        # absl appends; a stale file (a run that died before its first checkpoint) is replaced
+        path = os.path.join(FLAGS.logdir, "flagfile.txt")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + ".tmp")
+        FLAGS.append_flags_into_file(path + ".tmp")
+        os.replace(path + ".tmp", path)
     try:
         if launched or FLAGS.nprocs == 1:
             run(distributed.env_rank(), world_size, device)

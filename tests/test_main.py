@@ -25,6 +25,11 @@ def run_main(*args, expect_ok=True):
     return result
 
 
+def run_logdir(logdir, args):
+    run_main(*args, "--logdir", str(logdir))
+    return str(logdir)
+
+
 def weights(logdir):
     state = torch.load(os.path.join(logdir, "ckpt.pt"), weights_only=False)
     return state
@@ -38,8 +43,14 @@ def assert_same_weights(first, second, atol):
 
 def test_train_then_eval_from_the_saved_flagfile(tmp_path):
     logdir = str(tmp_path / "run")
+    os.makedirs(logdir)
+    with open(os.path.join(logdir, "flagfile.txt"), "w") as stale:  # a run that died early
+        stale.write("--ch_mult=1\n--ch_mult=2\n--ch=999\n")
     run_main("--train", "--logdir", logdir, "--total_steps", "4", "--sample_step", "2",
              "--save_step", "2")
+    saved = open(os.path.join(logdir, "flagfile.txt")).read().splitlines()
+    assert "--ch=32" in saved and "--ch=999" not in saved
+    assert [line for line in saved if line.startswith("--ch_mult")] == ["--ch_mult=1", "--ch_mult=2"]
     for name in ("ckpt.pt", "flagfile.txt", os.path.join("sample", "2.png"), os.path.join("sample", "4.png")):
         assert os.path.exists(os.path.join(logdir, name)), name
     assert glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
@@ -61,9 +72,15 @@ def test_train_then_eval_from_the_saved_flagfile(tmp_path):
     assert scores[0]["IS"] == pytest.approx(scores[1]["IS"], rel=1e-6)
 
 
-def test_resumed_run_ends_with_the_same_weights(tmp_path):
+# the CPU's share of the fast path: bf16 autocast and channels_last
+FAST = ["--precision", "bf16", "--channels_last"]
+
+
+@pytest.mark.parametrize("path", [[], FAST], ids=["reference", "fast"])
+def test_resumed_run_ends_with_the_same_weights(tmp_path, path):
     # dropout on: the per-process RNG must be restored too
-    common = ["--train", "--total_steps", "6", "--dropout", "0.1", "--save_step", "100", "--sample_step", "0"]
+    common = ["--train", "--total_steps", "6", "--dropout", "0.1", "--save_step", "100", "--sample_step", "0",
+              *path]
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     run_main(*common, "--logdir", straight)
     run_main(*common, "--logdir", interrupted, "--total_steps", "3")
@@ -73,19 +90,22 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
     assert_same_weights(first, second, atol=1e-6)
 
 
-def assert_same_updates(first, second, lr=1e-3, steps=3):
+def assert_same_updates(first, second):
     """Equal up to float rounding amplified by Adam.
 
-    Adam divides each gradient by its running RMS, so rounding in a gradient element that is
-    ~0 (the summation order differs between the runs) can flip that element's update: it
-    moves by up to 2 lr per step. A wrong data, noise or timestep slice instead changes nearly
-    every element. So: a tiny fraction of elements may differ by more than 1e-5, none by more
-    than the Adam bound.
+    The summation order differs between the runs, so gradients differ by rounding. Adam divides
+    each gradient by its running RMS (+ eps = 1e-8), which turns rounding in an element whose
+    true gradient is ~0 (a bias just before a GroupNorm) into a visible difference. Measured on
+    the digits model: 2-8 of its 702k weights differ by more than 1e-5, the largest by 1.5e-5;
+    a wrong data, noise or timestep slice changes 99.6% of them, the largest by 0.5. So: at
+    most 1 in 10^4 weights beyond 1e-5, and none beyond 2e-4 (a fifth of one step at lr 1e-3).
     """
-    differences = torch.cat([(second[key][name] - tensor).abs().flatten()
-                             for key in ("net_model", "ema_model") for name, tensor in first[key].items()])
-    assert (differences > 1e-5).float().mean() < 1e-3
-    assert differences.max() <= 2 * lr * steps
+    net = torch.cat([(second["net_model"][name] - tensor).abs().flatten()
+                     for name, tensor in first["net_model"].items()])
+    assert (net > 1e-5).float().mean() < 1e-4
+    for key in ("net_model", "ema_model"):
+        for name, tensor in first[key].items():
+            torch.testing.assert_close(second[key][name], tensor, atol=2e-4, rtol=0, msg=f"{key}.{name}")
 
 
 def test_gradient_accumulation_is_one_big_batch(tmp_path):
@@ -104,6 +124,21 @@ def test_two_processes_equal_one(tmp_path):
     assert os.path.exists(os.path.join(two, "sample", "2.png"))
     assert_same_updates(weights(one), weights(two))
     assert len(weights(two)["rng"]) == 2
+
+
+def test_fast_path_splits_the_batch_up_to_bf16_rounding(tmp_path):
+    """On the bf16 path, micro-batches and processes change the batch shapes the kernels see,
+    and so the bf16 rounding: the runs agree only to that. Measured after 3 steps: 27% of the
+    weights differ from the whole-batch run by more than 1e-5, the largest by 3e-3 (bf16 against
+    fp32: 68%, 3.2e-3); a wrong data, noise or timestep slice changes 99.6%, by up to 0.5."""
+    common = ["--train", "--total_steps", "3", "--dropout", "0", "--save_step", "0", "--sample_step", "0", *FAST]
+    whole = weights(run_logdir(tmp_path / "whole", common))
+    for split in (["--accum_steps", "4"], ["--nprocs", "2", "--device", "cpu"]):
+        other = weights(run_logdir(tmp_path / split[0].strip("-"), common + split))
+        net = torch.cat([(other["net_model"][name] - tensor).abs().flatten()
+                         for name, tensor in whole["net_model"].items()])
+        assert (net > 1e-5).float().mean() < 0.5, split
+        assert net.max() < 1e-2, split
 
 
 @pytest.mark.parametrize("args,message", [
