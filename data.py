@@ -141,6 +141,9 @@ def build_dataset(name, root, img_size, train=True, flip=None, channels=None):
     default_flip_, default_channels, _ = DATASETS[name]
     flip = default_flip_ if flip is None else flip
     channels = default_channels if channels is None else channels
+    if name in ("cifar10", "digits") and channels != default_channels:
+        raise DatasetError(f"{name} images have {default_channels} channel(s): set --img_channels "
+                           f"{default_channels}, not {channels}")
     if name == "cifar10":
         return cifar10(root, img_size, flip, train)
     if name == "digits":

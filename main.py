@@ -188,14 +188,19 @@ def validate(world_size, device):
     try:  # the diffusion classes check their own arguments; no model is needed for that
         GaussianDiffusionTrainer(None, FLAGS.beta_1, FLAGS.beta_T, FLAGS.T, FLAGS.mean_type,
                                  FLAGS.loss_type, FLAGS.var_type)
-        GaussianDiffusionSampler(None, FLAGS.beta_1, FLAGS.beta_T, FLAGS.T, FLAGS.img_size,
-                                 FLAGS.mean_type, FLAGS.var_type, FLAGS.clip_denoised,
-                                 FLAGS.sampler, FLAGS.sample_steps or None, FLAGS.eta, FLAGS.skip_type)
+        sampler = GaussianDiffusionSampler(
+            None, FLAGS.beta_1, FLAGS.beta_T, FLAGS.T, FLAGS.img_size, FLAGS.mean_type, FLAGS.var_type,
+            FLAGS.clip_denoised, FLAGS.sampler, FLAGS.sample_steps or None, FLAGS.eta, FLAGS.skip_type)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     for t in FLAGS.interp_t:
         if not (t.isdigit() and int(t) < FLAGS.T):
             raise ConfigError(f"--interp_t {t} is not a timestep in 0..{FLAGS.T - 1}")
+        if int(t) not in sampler.timesteps:
+            steps = sampler.timesteps
+            raise ConfigError(f"--interp_t {t} is not one of the sampler's {len(steps)} timesteps "
+                              f"({', '.join(map(str, steps[:3]))}, ..., {steps[-1]}): pick one of those, or "
+                              "--sample_steps 0 for all T")
     if len(FLAGS.interp_images) != 2:
         raise ConfigError(f"--interp_images takes two images, got {FLAGS.interp_images}")
     if FLAGS.img_channels not in (1, 3):

@@ -145,6 +145,9 @@ def test_fast_path_splits_the_batch_up_to_bf16_rounding(tmp_path):
     (["--batch_size", "10", "--accum_steps", "4"], "--batch_size 10 is not divisible by processes x --accum_steps"),
     (["--attn", "3"], "attn level 3 is out of range"),
     (["--img_size", "9"], "img_size 9 is not divisible by 2"),
+    (["--img_channels", "3"], "digits images have 1 channel(s): set --img_channels 1, not 3"),
+    (["--notrain", "--interp_t", "5", "--sample_steps", "10"],
+     "--interp_t 5 is not one of the sampler's 10 timesteps (0, 2, 4, ..., 18)"),
     (["--save_step", "-1"], "--save_step must be a number of steps >= 0 (0: off), got -1"),
     (["--dataset", "mnist"], "flag --dataset=mnist: value should be one of"),
     (["--logdir", "/proc/not_here"], "--logdir /proc/not_here is not writable"),
@@ -191,3 +194,16 @@ def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
     run_main("--train", "--resume", "--logdir", str(logdir), "--total_steps", str(state["step"] + 1),
              "--sample_step", "0")
     assert weights(str(logdir))["step"] == state["step"] + 1
+
+
+def test_more_processes_than_gpus_is_one_clear_line(tmp_path):
+    # a CPU machine that claims two GPUs: the check must stop before anything touches CUDA
+    claim = ("import runpy, sys, torch; torch.cuda.is_available = lambda: True; "
+             "torch.cuda.device_count = lambda: 2; sys.argv = sys.argv[1:]; "
+             "runpy.run_path('main.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", claim, "main.py", *TINY, "--train", "--nprocs", "4",
+                             "--logdir", str(tmp_path / "run")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode != 0
+    assert "--nprocs 4 exceeds the 2 visible GPU(s)" in result.stderr
+    assert "Traceback" not in result.stderr

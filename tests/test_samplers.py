@@ -282,7 +282,9 @@ def test_interpolation_shares_the_noise_across_lambdas(tmp_path):
     noise = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
     t = torch.full((3,), 20)
     state = generator.get_state()
-    for column, x_0 in ((0, x0_a), (2, x0_b)):
+    # q_sample with one noise is affine in x_0, so the lambda = 0.5 mix of the two x_t is
+    # x_t of the mean image
+    for column, x_0 in ((0, x0_a), (1, (x0_a + x0_b) / 2), (2, x0_b)):
         generator.set_state(state)
         expected = sampler.denoise(sampler.q_sample(x_0, t, noise), 20, generator)
         torch.testing.assert_close(mixed[:, column], expected, rtol=1e-12, atol=1e-12)
