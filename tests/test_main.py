@@ -10,6 +10,8 @@ import time
 import pytest
 import torch
 
+import distributed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--flagfile", os.path.join(ROOT, "config", "digits.cfg"), "--ch", "32", "--ch_mult", "1",
         "--ch_mult", "2", "--attn", "1", "--num_res_blocks", "1", "--T", "20", "--batch_size", "16",
@@ -207,3 +209,22 @@ def test_more_processes_than_gpus_is_one_clear_line(tmp_path):
     assert result.returncode != 0
     assert "--nprocs 4 exceeds the 2 visible GPU(s)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def fail_on_rank_one(rank, world_size, device):
+    """Rank 1 stops with an error, as main.spawned does; rank 0 waits in a collective for it."""
+    distributed.setup(rank, world_size, device)
+    if rank == 1:
+        sys.exit("error: rank 1 cannot go on")
+    distributed.barrier()
+
+
+def test_a_failing_rank_ends_the_whole_job():
+    # were the failure not passed on, rank 0 would wait in its barrier for the 30-minute timeout
+    launch = ("import sys; sys.path[:0] = ['.', 'tests']; import distributed, test_main; "
+              "distributed.spawn(test_main.fail_on_rank_one, 2, 'cpu')")
+    result = subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode != 0
+    assert "error: rank 1 cannot go on" in result.stderr
+    assert "worker process 1 exited with code 1; the other workers were stopped" in result.stderr
