@@ -7,7 +7,6 @@
 
 This file holds the flags, checks them before any expensive work, and dispatches.
 """
-import contextlib
 import os
 import sys
 
@@ -284,11 +283,10 @@ def main(argv):
     except EXPECTED_ERRORS as error:
         sys.exit(f"error: {error}")
     if FLAGS.train and not FLAGS.resume and distributed.env_rank() == 0:
-        # absl appends; a stale file (a run that died before its first checkpoint) is replaced
+        # replaces a stale file (a run that died before its first checkpoint) in one rename
         path = os.path.join(FLAGS.logdir, "flagfile.txt")
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + ".tmp")
-        FLAGS.append_flags_into_file(path + ".tmp")
+        with open(path + ".tmp", "w") as file:
+            file.write(FLAGS.flags_into_string())
         os.replace(path + ".tmp", path)
     try:
         if launched or FLAGS.nprocs == 1:

@@ -27,11 +27,6 @@ def run_main(*args, expect_ok=True):
     return result
 
 
-def run_logdir(logdir, args):
-    run_main(*args, "--logdir", str(logdir))
-    return str(logdir)
-
-
 def weights(logdir):
     state = torch.load(os.path.join(logdir, "ckpt.pt"), weights_only=False)
     return state
@@ -92,6 +87,12 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, path):
     assert_same_weights(first, second, atol=1e-6)
 
 
+def net_differences(first, second):
+    """|second - first| over every weight of the trained network, flattened."""
+    return torch.cat([(second["net_model"][name] - tensor).abs().flatten()
+                      for name, tensor in first["net_model"].items()])
+
+
 def assert_same_updates(first, second):
     """Equal up to float rounding amplified by Adam.
 
@@ -102,8 +103,7 @@ def assert_same_updates(first, second):
     a wrong data, noise or timestep slice changes 99.6% of them, the largest by 0.5. So: at
     most 1 in 10^4 weights beyond 1e-5, and none beyond 2e-4 (a fifth of one step at lr 1e-3).
     """
-    net = torch.cat([(second["net_model"][name] - tensor).abs().flatten()
-                     for name, tensor in first["net_model"].items()])
+    net = net_differences(first, second)
     assert (net > 1e-5).float().mean() < 1e-4
     for key in ("net_model", "ema_model"):
         for name, tensor in first[key].items():
@@ -134,13 +134,13 @@ def test_fast_path_splits_the_batch_up_to_bf16_rounding(tmp_path):
     weights differ from the whole-batch run by more than 1e-5, the largest by 3e-3 (bf16 against
     fp32: 68%, 3.2e-3); a wrong data, noise or timestep slice changes 99.6%, by up to 0.5."""
     common = ["--train", "--total_steps", "3", "--dropout", "0", "--save_step", "0", "--sample_step", "0", *FAST]
-    whole = weights(run_logdir(tmp_path / "whole", common))
-    for split in (["--accum_steps", "4"], ["--nprocs", "2", "--device", "cpu"]):
-        other = weights(run_logdir(tmp_path / split[0].strip("-"), common + split))
-        net = torch.cat([(other["net_model"][name] - tensor).abs().flatten()
-                         for name, tensor in whole["net_model"].items()])
-        assert (net > 1e-5).float().mean() < 0.5, split
-        assert net.max() < 1e-2, split
+    run_main(*common, "--logdir", str(tmp_path / "whole"))
+    splits = {"micro": ["--accum_steps", "4"], "two": ["--nprocs", "2", "--device", "cpu"]}
+    for name, split in splits.items():
+        run_main(*common, "--logdir", str(tmp_path / name), *split)
+        net = net_differences(weights(tmp_path / "whole"), weights(tmp_path / name))
+        assert (net > 1e-5).float().mean() < 0.5, name
+        assert net.max() < 1e-2, name
 
 
 @pytest.mark.parametrize("args,message", [
