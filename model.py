@@ -1,9 +1,19 @@
-"""The DDPM UNet (Ho et al. 2020, Appendix B), as the official TensorFlow code builds it.
+"""The DDPM UNet (Ho et al. 2020, Appendix B), in two layouts of the same parameters.
 
 The module names and parameter shapes are those of the earlier PyTorch port, so its
-checkpoints load with ``load_state_dict(strict=True)``. Where that port differs from the
-official model (timestep embedding order, downsample padding, GroupNorm epsilon, the
-initialisation of the layers that start at zero) this file follows the official model.
+checkpoints load with ``load_state_dict(strict=True)``. The network computed depends on the
+layout:
+
+- ``official`` (the default): as the official TensorFlow code computes it. The stride-2
+  downsampling conv is padded TF-"SAME" style (one row and column of zeros after, none
+  before), GroupNorm eps is 1e-6, and the timestep table is [sin(t w_k), cos(t w_k)] with
+  w_k = 1e4^(-k/(d/2-1)).
+- ``seed``: as the earlier PyTorch port computes it, so its trained checkpoints give its
+  numbers. Downsampling is Conv2d(stride 2, padding 1), GroupNorm eps 1e-5 (PyTorch's
+  default), and the timestep table interleaves sin and cos per frequency w_k = 1e4^(-2k/d).
+
+Both layouts initialise as the official code does (the layers that feed a residual stream
+start near zero).
 """
 import math
 
@@ -12,15 +22,34 @@ import torch.nn.functional as F
 from torch import nn
 
 GROUPS = 32
-GN_EPS = 1e-6       # official tf.contrib.layers.group_norm epsilon
 ZERO_GAIN = 1e-5    # official "variance scaling 1e-10": std scaled by sqrt(1e-10)
+LAYOUTS = ("official", "seed")
+GN_EPS = {"official": 1e-6,  # tf.contrib.layers.group_norm
+          "seed": 1e-5}      # torch.nn.GroupNorm's default
 
 
-def timestep_embedding_table(T, dim):
-    """Sinusoidal embedding of t = 0..T-1: [sin(t w_k), cos(t w_k)], w_k = 1e4^(-k/(dim/2-1))."""
+def check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+
+def timestep_embedding_table(T, dim, layout="official"):
+    """Sinusoidal embedding of t = 0..T-1, one row per t.
+
+    official: [sin(t w_0), ..., sin(t w_{d/2-1}), cos(t w_0), ...], w_k = 1e4^(-k/(d/2-1)),
+              computed in float64.
+    seed:     [sin(t w_0), cos(t w_0), sin(t w_1), ...], w_k = 1e4^(-2k/d), computed in
+              float32 as the earlier port does, so a model trained in that layout here sees
+              the same table bit for bit.
+    """
+    check_layout(layout)
     if dim % 2:
         raise ValueError(f"ch must be even for the sinusoidal timestep embedding, got {dim}")
     half = dim // 2
+    if layout == "seed":
+        freqs = torch.exp(-(torch.arange(0, dim, 2) / dim * math.log(10000.0)))
+        angles = torch.arange(T).float()[:, None] * freqs[None, :]
+        return torch.stack([angles.sin(), angles.cos()], dim=-1).view(T, dim)
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / (half - 1))
     angles = torch.arange(T, dtype=torch.float64)[:, None] * freqs[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
@@ -50,17 +79,17 @@ def check_architecture(ch, ch_mult, attn, img_size=None):
         check_image_size(img_size, 2 ** (levels - 1))
 
 
-def group_norm(channels):
-    return nn.GroupNorm(GROUPS, channels, eps=GN_EPS)
+def group_norm(channels, layout):
+    return nn.GroupNorm(GROUPS, channels, eps=GN_EPS[layout])
 
 
 class TimeEmbedding(nn.Module):
     """Frozen sinusoidal table -> Linear(ch, 4ch) -> Swish -> Linear(4ch, 4ch)."""
 
-    def __init__(self, T, ch, dim):
+    def __init__(self, T, ch, dim, layout):
         super().__init__()
         self.timembedding = nn.Sequential(
-            nn.Embedding.from_pretrained(timestep_embedding_table(T, ch), freeze=True),
+            nn.Embedding.from_pretrained(timestep_embedding_table(T, ch, layout), freeze=True),
             nn.Linear(ch, dim),
             nn.SiLU(),
             nn.Linear(dim, dim),
@@ -71,14 +100,16 @@ class TimeEmbedding(nn.Module):
 
 
 class DownSample(nn.Module):
-    """Stride-2 3x3 conv with TF "SAME" padding: one row/column of zeros after, none before."""
+    """Stride-2 3x3 conv. official: TF "SAME" padding, one row/column of zeros after and
+    none before; seed: one on every side. The two sample grids are one pixel apart."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, layout):
         super().__init__()
-        self.main = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+        self.same_padding = layout == "official"
+        self.main = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if self.same_padding else 1)
 
     def forward(self, x, temb):
-        return self.main(F.pad(x, (0, 1, 0, 1)))
+        return self.main(F.pad(x, (0, 1, 0, 1)) if self.same_padding else x)
 
 
 class UpSample(nn.Module):
@@ -95,9 +126,9 @@ class UpSample(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, added back residually."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, layout):
         super().__init__()
-        self.group_norm = group_norm(ch)
+        self.group_norm = group_norm(ch, layout)
         self.proj_q = nn.Conv2d(ch, ch, 1)
         self.proj_k = nn.Conv2d(ch, ch, 1)
         self.proj_v = nn.Conv2d(ch, ch, 1)
@@ -117,14 +148,14 @@ class AttnBlock(nn.Module):
 class ResBlock(nn.Module):
     """GN-Swish-conv, + Dense(Swish(temb)), GN-Swish-Dropout-conv, shortcut, then attention."""
 
-    def __init__(self, in_ch, out_ch, tdim, dropout, attn):
+    def __init__(self, in_ch, out_ch, tdim, dropout, attn, layout):
         super().__init__()
-        self.block1 = nn.Sequential(group_norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.block1 = nn.Sequential(group_norm(in_ch, layout), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.temb_proj = nn.Sequential(nn.SiLU(), nn.Linear(tdim, out_ch))
-        self.block2 = nn.Sequential(
-            group_norm(out_ch), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.block2 = nn.Sequential(group_norm(out_ch, layout), nn.SiLU(), nn.Dropout(dropout),
+                                    nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-        self.attn = AttnBlock(out_ch) if attn else nn.Identity()
+        self.attn = AttnBlock(out_ch, layout) if attn else nn.Identity()
 
     def forward(self, x, temb):
         h = self.block1(x)
@@ -140,18 +171,22 @@ class UNet(nn.Module):
     ch_mult: channel multiplier per resolution level; attn: level indices with self-attention;
     num_res_blocks: ResBlocks per level on the way down (one more on the way up);
     in_ch / out_ch: image channels in and out (out_ch = 2 * in_ch for a learned variance);
-    img_size, when given, is checked against the number of halvings.
+    img_size, when given, is checked against the number of halvings;
+    layout: "official" or "seed" (see the module docstring).
     """
 
     def __init__(self, T, ch, ch_mult, attn, num_res_blocks, dropout,
-                 in_ch=3, out_ch=None, img_size=None):
+                 in_ch=3, out_ch=None, img_size=None, layout="official"):
         super().__init__()
         ch_mult, attn = list(ch_mult), list(attn)
+        check_layout(layout)
         check_architecture(ch, ch_mult, attn, img_size)
+        self.layout = layout
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         out_ch = in_ch if out_ch is None else out_ch
         tdim = ch * 4
-        self.time_embedding = TimeEmbedding(T, ch, tdim)
+        self.time_embedding = TimeEmbedding(T, ch, tdim, layout)
+        block = dict(tdim=tdim, dropout=dropout, layout=layout)
 
         self.head = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.downblocks = nn.ModuleList()
@@ -160,28 +195,28 @@ class UNet(nn.Module):
         levels = len(ch_mult)
         for i, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                self.downblocks.append(ResBlock(now_ch, ch * mult, tdim, dropout, attn=i in attn))
+                self.downblocks.append(ResBlock(now_ch, ch * mult, attn=i in attn, **block))
                 now_ch = ch * mult
                 skip_chs.append(now_ch)
             if i != levels - 1:
-                self.downblocks.append(DownSample(now_ch))
+                self.downblocks.append(DownSample(now_ch, layout))
                 skip_chs.append(now_ch)
 
         self.middleblocks = nn.ModuleList([
-            ResBlock(now_ch, now_ch, tdim, dropout, attn=True),
-            ResBlock(now_ch, now_ch, tdim, dropout, attn=False),
+            ResBlock(now_ch, now_ch, attn=True, **block),
+            ResBlock(now_ch, now_ch, attn=False, **block),
         ])
 
         self.upblocks = nn.ModuleList()
         for i, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
                 self.upblocks.append(
-                    ResBlock(skip_chs.pop() + now_ch, ch * mult, tdim, dropout, attn=i in attn))
+                    ResBlock(skip_chs.pop() + now_ch, ch * mult, attn=i in attn, **block))
                 now_ch = ch * mult
             if i != 0:
                 self.upblocks.append(UpSample(now_ch))
 
-        self.tail = nn.Sequential(group_norm(now_ch), nn.SiLU(), nn.Conv2d(now_ch, out_ch, 3, padding=1))
+        self.tail = nn.Sequential(group_norm(now_ch, layout), nn.SiLU(), nn.Conv2d(now_ch, out_ch, 3, padding=1))
         self.initialize()
 
     def initialize(self):
@@ -219,3 +254,32 @@ class UNet(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = layer(h, temb)
         return self.tail(h)
+
+
+def architecture_from_state_dict(state_dict):
+    """The UNet arguments (T, ch, ch_mult, attn, num_res_blocks, in_ch, out_ch) that build a
+    network with exactly this state dict's names and shapes; ValueError if it is not one."""
+    try:
+        ch, in_ch = state_dict["head.weight"].shape[:2]
+        T = state_dict["time_embedding.timembedding.0.weight"].shape[0]
+        out_ch = state_dict["tail.2.weight"].shape[0]
+    except KeyError as missing:
+        raise ValueError(f"not a state dict of this UNet: it has no {missing}") from None
+    levels = [[]]  # per level, (channels, has attention) of each down ResBlock
+    i = 0
+    while True:
+        prefix = f"downblocks.{i}."
+        if prefix + "main.weight" in state_dict:  # a DownSample ends a level
+            levels.append([])
+        elif prefix + "block1.2.weight" in state_dict:
+            levels[-1].append((state_dict[prefix + "block1.2.weight"].shape[0],
+                               prefix + "attn.proj.weight" in state_dict))
+        else:
+            break
+        i += 1
+    blocks = {len(level) for level in levels}
+    if len(blocks) != 1 or 0 in blocks:
+        raise ValueError(f"not a state dict of this UNet: its levels hold {sorted(blocks)} ResBlocks")
+    return dict(T=T, ch=ch, ch_mult=[level[0][0] // ch for level in levels],
+                attn=[i for i, level in enumerate(levels) if level[0][1]],
+                num_res_blocks=blocks.pop(), in_ch=in_ch, out_ch=out_ch)

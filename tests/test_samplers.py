@@ -292,3 +292,115 @@ def test_interpolation_shares_the_noise_across_lambdas(tmp_path):
     save_interpolation(tmp_path / "interp_t20.png", x0_a, x0_b, mixed)
     with Image.open(tmp_path / "interp_t20.png") as grid:
         assert grid.size == (5 * 34 + 2, 3 * 34 + 2)
+
+
+# ---------------------------------------------------------------- a second library: diffusers
+
+PAPER_T, PAPER_BETA_1, PAPER_BETA_T = 1000, 1e-4, 0.02
+
+
+def float64_schedule(scheduler):
+    """diffusers keeps its schedule in float32; give it the paper's in float64, as ours is."""
+    betas = torch.linspace(PAPER_BETA_1, PAPER_BETA_T, PAPER_T, dtype=torch.float64)
+    scheduler.betas = betas
+    scheduler.alphas = 1.0 - betas
+    scheduler.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    scheduler.one = torch.tensor(1.0, dtype=torch.float64)
+    if hasattr(scheduler, "final_alpha_cumprod"):
+        scheduler.final_alpha_cumprod = (torch.tensor(1.0, dtype=torch.float64) if scheduler.config.set_alpha_to_one
+                                         else scheduler.alphas_cumprod[0])
+    return scheduler
+
+
+def noisy_input(seed=0):
+    """x_t large enough that x0_hat leaves [-1, 1] at many pixels, so clipping matters."""
+    return 2.0 * torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def model_output(x_t, t):
+    return ToyModel()(x_t, torch.full((SHAPE[0],), t))
+
+
+@pytest.mark.parametrize("var_type, variance_type", [("fixedlarge", "fixed_large"), ("fixedsmall", "fixed_small")])
+def test_one_ancestral_step_equals_diffusers_ddpm_scheduler(var_type, variance_type):
+    diffusers = pytest.importorskip("diffusers")
+    ours = GaussianDiffusionSampler(ToyModel(), PAPER_BETA_1, PAPER_BETA_T, PAPER_T, img_size=4,
+                                    var_type=var_type, clip_denoised=True)
+    theirs = float64_schedule(diffusers.DDPMScheduler(
+        num_train_timesteps=PAPER_T, beta_start=PAPER_BETA_1, beta_end=PAPER_BETA_T,
+        variance_type=variance_type, clip_sample=True))
+    x_t = noisy_input()
+    clipped_somewhere = False
+    for t in (0, 1, 2, 100, 500, 998, 999):
+        expected = theirs.step(model_output(x_t, t), t, x_t, generator=torch.Generator().manual_seed(t))
+        x_prev, x0_hat = ours.step(x_t, t, generator=torch.Generator().manual_seed(t))
+        torch.testing.assert_close(x0_hat, expected.pred_original_sample, rtol=0, atol=1e-10)
+        torch.testing.assert_close(x_prev, expected.prev_sample, rtol=0, atol=1e-10)
+        clipped_somewhere |= bool((x0_hat.abs() == 1.0).any())
+    assert clipped_somewhere
+    # Where the definitions differ: the variance at t = 0. Ours is the official clipped one
+    # (the posterior variance of t = 1); diffusers' is the true posterior variance there, 0,
+    # clamped to 1e-20. Neither adds noise at t = 0, so no sample differs.
+    if var_type == "fixedsmall":
+        assert math.isclose(float(theirs._get_variance(0)), 1e-20)
+        assert ours.posterior_var[0] == 0 and ours.posterior_log_var_clipped[0] == ours.posterior_log_var_clipped[1]
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("clip", [True, False])
+def test_one_ddim_step_equals_diffusers_ddim_scheduler(eta, clip):
+    diffusers = pytest.importorskip("diffusers")
+    steps = 50
+    ours = GaussianDiffusionSampler(ToyModel(), PAPER_BETA_1, PAPER_BETA_T, PAPER_T, img_size=4,
+                                    clip_denoised=clip, sampler="ddim", sample_steps=steps, eta=eta)
+    theirs = float64_schedule(diffusers.DDIMScheduler(
+        num_train_timesteps=PAPER_T, beta_start=PAPER_BETA_1, beta_end=PAPER_BETA_T, clip_sample=clip,
+        set_alpha_to_one=True))
+    theirs.set_timesteps(steps)
+    assert sorted(theirs.timesteps.tolist()) == ours.timesteps  # "leading" spacing = our uniform
+    x_t = noisy_input(1)
+    for i in (0, 1, 25, steps - 1):
+        t = ours.timesteps[i]
+        noise = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+        # ours re-derives eps_hat from the clipped x0_hat: diffusers' use_clipped_model_output
+        expected = theirs.step(model_output(x_t, t), t, x_t, eta=eta, use_clipped_model_output=clip,
+                               variance_noise=noise if eta > 0 else None)
+        x_prev, x0_hat = ours.step(x_t, i, generator=torch.Generator().manual_seed(i))
+        torch.testing.assert_close(x0_hat, expected.pred_original_sample, rtol=0, atol=1e-10)
+        torch.testing.assert_close(x_prev, expected.prev_sample, rtol=0, atol=1e-10)
+
+
+def test_where_ddim_definitions_differ_from_diffusers_defaults():
+    """Two places, pinned with their formulas: (1) with clipping, diffusers' default keeps the
+    model's eps_hat after clipping x0_hat, where ours re-derives eps_hat from the clipped x0_hat;
+    (2) with set_alpha_to_one=False the step to x_0 goes to abar_0 instead of 1."""
+    diffusers = pytest.importorskip("diffusers")
+    ours = GaussianDiffusionSampler(ToyModel(), PAPER_BETA_1, PAPER_BETA_T, PAPER_T, img_size=4,
+                                    clip_denoised=True, sampler="ddim", sample_steps=50)
+    abar = torch.cumprod(1.0 - torch.linspace(PAPER_BETA_1, PAPER_BETA_T, PAPER_T, dtype=torch.float64), 0)
+    x_t = noisy_input(2)
+    i, t = 30, ours.timesteps[30]
+    s = ours.timesteps[29]
+    default = float64_schedule(diffusers.DDIMScheduler(num_train_timesteps=PAPER_T, beta_start=PAPER_BETA_1,
+                                                       beta_end=PAPER_BETA_T, clip_sample=True))
+    default.set_timesteps(50)
+    eps = model_output(x_t, t)
+    theirs = default.step(eps, t, x_t, eta=0.0).prev_sample
+    mine, x0_hat = ours.step(x_t, i)
+    assert (x0_hat.abs() == 1.0).any()
+    torch.testing.assert_close(theirs, abar[s].sqrt() * x0_hat + (1 - abar[s]).sqrt() * eps, rtol=0, atol=1e-10)
+    eps_from_x0 = (x_t - abar[t].sqrt() * x0_hat) / (1 - abar[t]).sqrt()
+    torch.testing.assert_close(mine, abar[s].sqrt() * x0_hat + (1 - abar[s]).sqrt() * eps_from_x0, rtol=0, atol=1e-10)
+    assert (mine - theirs).abs().max() > 1e-3
+
+    final = float64_schedule(diffusers.DDIMScheduler(num_train_timesteps=PAPER_T, beta_start=PAPER_BETA_1,
+                                                     beta_end=PAPER_BETA_T, clip_sample=True,
+                                                     set_alpha_to_one=False))
+    final.set_timesteps(50)
+    eps = model_output(x_t, 0)
+    last = final.step(eps, 0, x_t, eta=0.0, use_clipped_model_output=True)
+    mine, x0_hat = ours.step(x_t, 0)
+    torch.testing.assert_close(mine, x0_hat, rtol=0, atol=1e-12)  # ours ends at abar = 1: x_0 = x0_hat
+    eps_from_x0 = (x_t - abar[0].sqrt() * x0_hat) / (1 - abar[0]).sqrt()
+    torch.testing.assert_close(last.prev_sample, abar[0].sqrt() * x0_hat + (1 - abar[0]).sqrt() * eps_from_x0,
+                               rtol=0, atol=1e-10)
