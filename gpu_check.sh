@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The device check of the fast path: the GPU-marked tests, then bench.py at the paper's
-# CIFAR10 sizes, in one run of about 7 minutes on one H200. Everything it prints also goes
-# to $OUT/gpu_check.log when OUT is set (the device tool), else to ./gpu_check.log.
-# Needs tensorboardX and pytorch-gan-metrics==0.5.3 beside torch (see BENCHMARKS.md).
+# The GPU check of the fast path: the GPU-marked tests, then bench.py at the paper's CIFAR10
+# sizes, in one run of about 7 minutes on one H200. Everything it prints also goes to
+# $OUT/gpu_check.log when OUT is set, else to ./gpu_check.log. Run it after the README's
+# set-up command (see BENCHMARKS.md, "Running the GPU checks").
 set -o pipefail
 log="${OUT:-.}/gpu_check.log"
 export PYTHONUNBUFFERED=1

@@ -8,10 +8,10 @@ metrics.py: quantization, statistics, Frechet distance, Inception Score, gather.
 inception.py: the FID Inception network.  digits.py: the offline digits classifier.
 evaluate.py: the Evaluator and image I/O.  fid_cache.py: the statistics CLI.
 """
-from .evaluate import Evaluator, load_images, save_images
+from .evaluate import Evaluator, default_feature, load_images, save_images
 from .metrics import (ScoreError, frechet_distance, gather, inception_score, load_statistics,
                       quantize, save_statistics, statistics)
 
-__all__ = ["Evaluator", "ScoreError", "frechet_distance", "gather", "inception_score",
+__all__ = ["Evaluator", "ScoreError", "default_feature", "frechet_distance", "gather", "inception_score",
            "load_images", "load_statistics", "quantize", "save_images", "save_statistics",
            "statistics"]

@@ -2,7 +2,7 @@
 
     python -m score.fid_cache --dataset cifar10 --output data/cifar-10-fid-cache/cifar10.train.npz
     python -m score.fid_cache --dataset folder --data_root DIR --img_size 256 --output stats.npz
-    python -m score.fid_cache --dataset digits --feature digits --output data/digits.train.npz
+    python -m score.fid_cache --dataset digits --output data/digits.train.npz
 
 The images go through exactly the scoring path of samples (8-bit rounding, resize to 299,
 FID Inception), without random flips; the output is the format pytorch_gan_metrics reads.
@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from .evaluate import FEATURES, Evaluator
+from .evaluate import FEATURES, Evaluator, default_feature
 from .metrics import ScoreError, save_statistics, statistics
 from .digits import CLASSIFIER
 
@@ -39,7 +39,9 @@ def main(argv=None):
                         help="dataset location (the image folder for --dataset folder)")
     parser.add_argument("--img_size", type=int, default=None,
                         help="resize to this size (default: the dataset's native size)")
-    parser.add_argument("--feature", default="inception", choices=FEATURES)
+    parser.add_argument("--feature", default=None, choices=FEATURES,
+                        help="feature network (default: digits for --dataset digits, else inception; "
+                             "as main.py scores it)")
     parser.add_argument("--inception_weights", default=None,
                         help="path to pt_inception-2015-12-05-6726825d.pth "
                              "(default: $TORCH_HOME/hub/checkpoints/)")
@@ -50,7 +52,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
-        evaluator = Evaluator(args.feature, None, args.device, args.inception_weights,
+        evaluator = Evaluator(args.feature or default_feature(args.dataset), None, args.device, args.inception_weights,
                               batch_size=args.batch_size, digits_classifier=args.digits_classifier)
         mu, sigma = dataset_statistics(args.dataset, args.data_root, args.img_size, evaluator,
                                        args.num_workers)

@@ -2,7 +2,8 @@
 
 pytorch_gan_metrics' own InceptionV3 downloads its weights while it is built; here the same
 architecture (torchvision's Inception v3 with its FID-patched blocks) is built without
-weights and loaded from a file found up front, so nothing ever waits on the network.
+weights and loaded from a file found up front, so nothing ever waits on the network during a
+run. With a connection, `python -m score.download` fetches them into the torch hub cache.
 """
 import os
 
@@ -80,3 +81,4 @@ class FIDInception(nn.Module):
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         pool = self.net(2 * x - 1)  # the network expects [-1, 1]
         return pool, F.linear(pool, self.fc_weight)
+

@@ -202,8 +202,9 @@ def test_inception_matches_pytorch_gan_metrics_network(random_weights, monkeypat
 
 
 def test_digits_statistics_file_round_trips(classifier, tmp_path):
+    """With no --feature, the digits get the digits classifier, as main.py scores them."""
     stats = str(tmp_path / "digits.train.npz")
-    fid_cache.main(["--dataset", "digits", "--feature", "digits", "--digits_classifier", classifier,
+    fid_cache.main(["--dataset", "digits", "--digits_classifier", classifier,
                     "--output", stats, "--num_workers", "0", "--device", "cpu"])
     on_the_fly = Evaluator("digits", digits_classifier=classifier).reference
     torch.testing.assert_close(load_statistics(stats, "unused"), on_the_fly, rtol=1e-12, atol=1e-12)
@@ -287,7 +288,7 @@ def test_missing_inception_weights(tmp_path, monkeypatch):
         Evaluator("inception", None, inception_weights=missing)
     assert inception.WEIGHTS_FILE in str(explicit.value)
     with pytest.raises(SystemExit, match=inception.WEIGHTS_FILE):  # the CLI: one line, exit 1
-        fid_cache.main(["--dataset", "digits", "--output", str(tmp_path / "x.npz")])
+        fid_cache.main(["--dataset", "cifar10", "--output", str(tmp_path / "x.npz")])
 
 
 def test_missing_fid_cache_names_the_command_that_creates_it(classifier, random_weights, tmp_path):
@@ -318,3 +319,25 @@ def test_unreadable_or_empty_image_folder(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ScoreError, match="cannot read image .*broken.png"):
         load_images(str(tmp_path))
+
+
+def test_weights_download_keeps_only_a_file_that_loads(tmp_path, monkeypatch):
+    """score.download: a wrong download is refused and leaves nothing where runs look; the
+    right one (here: the architecture's own state dict) lands and its sha256 is reported."""
+    from score import download, inception
+
+    def fake_download(payload):
+        def download_url_to_file(url, destination, progress=True):
+            assert url == inception.FID_WEIGHTS_URL
+            torch.save(payload, destination)
+        return download_url_to_file
+
+    target = tmp_path / "hub" / inception.WEIGHTS_FILE
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download({"not": torch.zeros(1)}))
+    with pytest.raises(download.ScoreError):
+        download.download(str(target))
+    assert not target.exists() and not os.listdir(target.parent)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download(inception.fid_inception_v3().state_dict()))
+    digest = download.download(str(target))
+    assert target.exists() and len(digest) == 64
+    assert inception.find_weights(str(target)) == str(target)
