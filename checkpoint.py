@@ -1,11 +1,24 @@
 """Checkpoints: written atomically, read with one-line errors.
 
 ckpt.pt is a dict with the seed port's keys (net_model, ema_model, sched, optim, step, x_T)
-plus rng (every process's RNG states) and world_size.
+plus rng (every process's RNG states), world_size, layout (which network the weights are
+for: "official" or "seed", see model.py) and format_version. A checkpoint with no layout
+record comes from the earlier PyTorch port, or from this project before layouts were
+recorded (those have an rng entry, and the official layout).
+
+    net = checkpoint.load_model("ckpt/cifar10")   # the EMA network, eval mode: net(x, t)
 """
 import os
+import pickle
+import sys
 
+import numpy as np
 import torch
+
+import files
+import model
+
+FORMAT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
@@ -13,30 +26,69 @@ class CheckpointError(RuntimeError):
 
 
 def save(path, state):
-    """Write to a temporary file beside path, then rename: a crash mid-write leaves the
-    previous checkpoint in place."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    """Write to a temporary file beside path, then rename: a crash or a full disk mid-write
+    leaves the previous checkpoint in place (files.WriteError says what was needed)."""
+    files.write_atomically(path, lambda file: torch.save(state, file), files.state_size(state))
 
 
-def load(path):
+# Checkpoints written before RNG states were stored as tensors hold numpy's RNG state, an
+# ndarray of uint32. Unpickling one calls only numpy's own array constructors; numpy 1.x
+# named the first numpy.core.multiarray._reconstruct.
+_RECONSTRUCT = np._core.multiarray._reconstruct
+NUMPY_ARRAYS = [_RECONSTRUCT, (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"), np.ndarray,
+                np.dtype, np.dtypes.UInt32DType]
+TRAINING_KEYS = ("net_model", "ema_model", "optim", "sched", "step", "x_T")  # the seed port's
+
+
+def unsafe_globals(path):
+    """Names of the functions and classes a checkpoint's pickle calls beyond the allowed ones."""
+    allowed = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+               "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType"}
+    try:
+        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                if name not in allowed]
+    except Exception:  # not a zip checkpoint: nothing to list
+        return []
+
+
+def load(path, required=()):
+    """The dict of a checkpoint, read with weights_only=True: tensors and plain values only,
+    so a file made to run code when it is unpickled is refused, not run.
+
+    required: keys the dict must have (TRAINING_KEYS to resume, "ema_model" to sample).
+    """
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        # weights_only=False: the checkpoint holds numpy/python RNG states. Only load
-        # checkpoints you trust.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(NUMPY_ARRAYS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsafe = unsafe_globals(path)
+        if unsafe:
+            raise CheckpointError(f"checkpoint {path} was not loaded: it calls {', '.join(unsafe[:3])}, "
+                                  "which a checkpoint does not need and which may be unsafe (code run "
+                                  "on loading)") from None
+        detail = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} was not loaded: it is corrupt, or holds more than "
+                              f"tensors and plain values, which may be unsafe ({detail})") from None
     except Exception as error:
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of "
+                              "weights: not a checkpoint of this project or of the earlier port")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} (its keys: "
+                              f"{', '.join(map(str, state)) or 'none'}): not a training checkpoint "
+                              "of this project or of the earlier port")
+    return state
 
 
 def load_weights(module, state_dict, path):
     """load_state_dict(strict=True), with the first mismatch named in one line."""
+    if not isinstance(state_dict, dict) or not all(map(torch.is_tensor, state_dict.values())):
+        raise CheckpointError(f"checkpoint {path}: the weights are not a dict of tensors")
     expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -52,3 +104,78 @@ def load_weights(module, state_dict, path):
                 f"checkpoint {path} does not fit the flags: {name} has shape "
                 f"{tuple(state_dict[name].shape)} there, the flags build {tuple(tensor.shape)}")
     module.load_state_dict(state_dict, strict=True)
+
+
+def layout_of(state, path, override=None):
+    """The layout of a loaded checkpoint's networks: override if given, else its record."""
+    if override is not None:
+        model.check_layout(override)
+        return override
+    if "layout" in state:
+        if state["layout"] not in model.LAYOUTS:
+            raise CheckpointError(f"checkpoint {path} records layout {state['layout']!r}, which this "
+                                  f"version does not know ({', '.join(model.LAYOUTS)})")
+        return state["layout"]
+    if "rng" in state:  # written by this project before it recorded layouts
+        return "official"
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {path} records no layout, so it is the earlier PyTorch port's: loading it "
+              "with --layout seed (pass --layout to choose)", file=sys.stderr)
+    return "seed"
+
+
+def read_flagfile(path):
+    """{flag: [values]} of a flagfile's lines: --name=value, and booleans --name ("true") and
+    --noname ("false"), as absl writes them."""
+    values = {}
+    with open(path) as file:
+        for line in file:
+            if not line.startswith("--"):
+                continue
+            name, sep, value = line.strip()[2:].partition("=")
+            if not sep:
+                name, value = (name[2:], "false") if name.startswith("no") else (name, "true")
+            values.setdefault(name, []).append(value)
+    return values
+
+
+def architecture_from_flagfile(path):
+    """UNet arguments from a run's flagfile.txt (None if it has none, or lacks a flag)."""
+    if not os.path.exists(path):
+        return None
+    saved = read_flagfile(path)
+    try:
+        channels = int(saved.get("img_channels", ["3"])[-1])
+        learned = saved.get("var_type", ["fixedlarge"])[-1] == "learned"
+        return dict(T=int(saved["T"][-1]), ch=int(saved["ch"][-1]),
+                    ch_mult=[int(m) for m in saved["ch_mult"]], attn=[int(a) for a in saved.get("attn", [])],
+                    num_res_blocks=int(saved["num_res_blocks"][-1]), dropout=float(saved["dropout"][-1]),
+                    in_ch=channels, out_ch=channels * (2 if learned else 1))
+    except (KeyError, ValueError):
+        return None
+
+
+def load_model(path, ema=True, device="cpu", layout=None):
+    """The network of a checkpoint, in eval mode, ready for net(x, t).
+
+    path: a ckpt.pt, or the logdir holding it. ema: the EMA weights (else the raw network's).
+    layout: None reads it from the checkpoint ("seed" when it has no record), or force one.
+    The architecture comes from the flagfile.txt beside the checkpoint, or else from the
+    shapes of the weights.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    state = load(path)
+    key = "ema_model" if ema else "net_model"
+    if not isinstance(state, dict) or key not in state:
+        raise CheckpointError(f"checkpoint {path} has no {key} weights")
+    weights = state[key]
+    architecture = architecture_from_flagfile(os.path.join(os.path.dirname(path), "flagfile.txt"))
+    if architecture is None:
+        try:
+            architecture = dict(model.architecture_from_state_dict(weights), dropout=0.0)
+        except ValueError as error:
+            raise CheckpointError(f"checkpoint {path}: {error}") from None
+    net = model.UNet(**architecture, layout=layout_of(state, path, layout))
+    load_weights(net, weights, path)
+    return net.to(device).eval()

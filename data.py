@@ -1,10 +1,17 @@
 """Datasets: every one yields (image in [-1, 1] as float CHW, label)."""
+import hashlib
+import io
 import os
+import sys
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
+from tqdm import tqdm
+
+import distributed
 
 # name -> (default random horizontal flip, image channels, native size or None)
 DATASETS = {
@@ -39,16 +46,28 @@ def to_signed_unit(x):
     return x * 2.0 - 1.0
 
 
-def image_transform(img_size, flip, channels, crop=True):
-    steps = [transforms.Resize(img_size)]
-    if crop:
-        steps.append(transforms.CenterCrop(img_size))
-    if flip:
-        steps.append(transforms.RandomHorizontalFlip())
-    if channels == 1:
-        steps.append(transforms.Grayscale(1))
-    steps += [transforms.ToTensor(), transforms.Lambda(to_signed_unit)]
-    return transforms.Compose(steps)
+def prepare_image(image, img_size, channels):
+    """A PIL image as the official code prepared LSUN (StyleGAN2's dataset tool): its centred
+    square, offsets rounded down, resized to img_size with PIL's Lanczos filter (antialiased);
+    uint8 (channels, img_size, img_size)."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.convert("RGB").crop((left, top, left + side, top + side))
+    image = image.resize((img_size, img_size), Image.Resampling.LANCZOS)
+    return transforms.functional.pil_to_tensor(image.convert("L") if channels == 1 else image)
+
+
+def to_model_input(pixels, flip):
+    """uint8 (C, H, W) -> float in [-1, 1], mirrored with probability 1/2 when flip; the same
+    numbers as the images held on the device give (from_stored)."""
+    if flip and torch.rand(()) < 0.5:
+        pixels = pixels.flip(-1)
+    return from_stored(pixels)
+
+
+def image_transform(img_size, flip, channels):
+    """PIL image -> the model's input: prepare_image, then to_model_input."""
+    return lambda image: to_model_input(prepare_image(image, img_size, channels), flip)
 
 
 def cifar10(root, img_size, flip, train):
@@ -103,36 +122,161 @@ class TransformedTensors(Dataset):
         return to_signed_unit(x), self.labels[index]
 
 
-class ImageFiles(Dataset):
-    """Every image file under a folder (recursively), center-cropped and resized."""
+class EncodedImages(Dataset):
+    """Images stored encoded (JPEG, PNG, WebP, ...), decoded one at a time by prepare_image.
+    A subclass says where image i is: source(i) -> (its name for errors, a path or file)."""
 
-    def __init__(self, root, transform):
+    def __init__(self, img_size, flip, channels):
+        self.img_size, self.flip, self.channels = img_size, flip, channels
+
+    def pixels(self, index):
+        """Image `index` at the training size, uint8 (C, H, W), never flipped."""
+        name, source = self.source(index)
+        try:
+            with Image.open(source) as image:
+                return prepare_image(image, self.img_size, self.channels)
+        # not an image, truncated (OSError); a broken PNG chunk (SyntaxError)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            # PIL would name a database entry by the address of its in-memory file
+            reason = ("not an image format PIL reads" if isinstance(error, Image.UnidentifiedImageError)
+                      else error)
+            raise DatasetError(f"cannot read image {name}: {reason}") from None
+
+    def __getitem__(self, index):
+        return to_model_input(self.pixels(index), self.flip), 0
+
+
+class ImageFiles(EncodedImages):
+    """Every image file under a folder (recursively), in sorted order."""
+
+    def __init__(self, root, img_size, flip, channels):
+        super().__init__(img_size, flip, channels)
         self.paths = sorted(
             os.path.join(folder, name)
             for folder, _, names in os.walk(root) for name in names
             if name.lower().endswith(IMAGE_EXTENSIONS))
         if not self.paths:
             raise DatasetError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-        self.transform = transform
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, index):
-        from PIL import Image
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image.convert("RGB")), 0
+    def source(self, index):
+        return self.paths[index], self.paths[index]
+
+
+LMDB_ENVS = {}  # real path -> environment: lmdb opens a database once per process
+
+
+def open_lmdb(path):
+    """The process's environment of the database at path, opened read-only without a lock
+    file (it may sit on a read-only share). A loader worker forked from a process that has it
+    open uses the inherited one: lmdb refuses to open it twice, and reading it is safe."""
+    import lmdb
+    real_path = os.path.realpath(path)
+    if real_path not in LMDB_ENVS:
+        try:
+            LMDB_ENVS[real_path] = lmdb.open(path, readonly=True, lock=False, readahead=False,
+                                             meminit=False)
+        except lmdb.Error as error:
+            raise DatasetError(f"{path} is not a readable lmdb database: {error}") from None
+    return LMDB_ENVS[real_path]
+
+
+def key_cache_paths(db_path):
+    """Where a database's key list is cached: next to it, else under the user's cache folder
+    (XDG_CACHE_HOME or ~/.cache), named by the database's absolute path; never the working
+    directory."""
+    db_path = os.path.abspath(db_path).rstrip(os.sep)
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    digest = hashlib.sha1(db_path.encode()).hexdigest()[:16]
+    paths = [db_path + ".keys.npz"]
+    if os.path.isabs(cache_home):
+        paths.append(os.path.join(cache_home, "ddpm", f"{os.path.basename(db_path)}-{digest}.keys.npz"))
+    return paths
+
+
+def read_key_cache(path, entries):
+    """(blob, ends) from a cache file that lists `entries` keys, else None."""
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            blob, ends = cached["blob"], cached["ends"]
+    except (OSError, ValueError, KeyError):  # absent, unreadable, or not ours
+        return None
+    return (blob, ends) if len(ends) == entries else None
+
+
+def write_key_cache(path, blob, ends):
+    """Write to a file of this process, then rename: processes that build the list at the same
+    time (torchrun's, on first use) each leave a whole file. False when it cannot be written."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(temporary, "wb") as file:
+            np.savez(file, blob=blob, ends=ends)
+        os.replace(temporary, path)
+        return True
+    except OSError:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        return False
+
+
+def lsun_keys(db_path, env):
+    """Every key of an LSUN database, in its (sorted) order, as numpy arrays: key i is
+    blob[ends[i - 1]:ends[i]]. Listing them reads the whole key index (bedroom: 3 million keys,
+    minutes), so the list is built once and cached (key_cache_paths); a cache whose count
+    differs from the database's is built afresh."""
+    entries = env.stat()["entries"]
+    paths = key_cache_paths(db_path)
+    for path in paths:
+        cached = read_key_cache(path, entries)
+        if cached is not None:
+            return cached
+    with env.begin() as txn:
+        keys = list(tqdm(txn.cursor().iternext(keys=True, values=False), total=entries,
+                         desc=f"listing the keys of {os.path.basename(db_path)} (once)", unit="key"))
+    blob = np.frombuffer(b"".join(keys), np.uint8)
+    ends = np.cumsum([len(key) for key in keys], dtype=np.int64)
+    if not any(write_key_cache(path, blob, ends) for path in paths):
+        print(f"note: the key list of {db_path} could not be cached in {' or '.join(paths)}",
+              file=sys.stderr)
+    return blob, ends
+
+
+class LsunDatabase(EncodedImages):
+    """One LSUN category's lmdb: keys -> encoded images (JPEG or WebP, any size)."""
+
+    def __init__(self, db_path, img_size, flip, channels):
+        super().__init__(img_size, flip, channels)
+        self.db_path = db_path
+        self.blob, self.ends = lsun_keys(db_path, open_lmdb(db_path))
+        if len(self.ends) == 0:
+            raise DatasetError(f"the LSUN database {db_path} holds no images")
+
+    def __len__(self):
+        return len(self.ends)
+
+    def source(self, index):
+        key = self.blob[self.ends[index - 1] if index else 0:self.ends[index]].tobytes()
+        with open_lmdb(self.db_path).begin() as txn:
+            value = txn.get(key)
+        key = key.decode(errors="replace")
+        if value is None:
+            raise DatasetError(f"{self.db_path} has no key {key}: the database changed since its key "
+                               f"list was cached; delete {key_cache_paths(self.db_path)[0]}")
+        return f"{key} (entry {index} of {self.db_path})", io.BytesIO(value)
 
 
 def lsun(name, root, img_size, flip, train, channels):
     try:
-        import lmdb  # noqa: F401  (torchvision's LSUN reader needs it)
+        import lmdb  # noqa: F401
     except ImportError:
         raise DatasetError(f"{name} reads LSUN's lmdb databases: pip install lmdb") from None
-    category = f"{LSUN_CLASSES[name]}_{'train' if train else 'val'}"
-    if not os.path.isdir(os.path.join(root, f"{category}_lmdb")):
-        raise DatasetError(f"{name}: expected the LSUN database {os.path.join(root, category + '_lmdb')}")
-    return datasets.LSUN(root, classes=[category], transform=image_transform(img_size, flip, channels))
+    db_path = os.path.join(root, f"{LSUN_CLASSES[name]}_{'train' if train else 'val'}_lmdb")
+    if not os.path.isdir(db_path):
+        raise DatasetError(f"{name}: expected the LSUN database {db_path}")
+    return LsunDatabase(db_path, img_size, flip, channels)
 
 
 def build_dataset(name, root, img_size, train=True, flip=None, channels=None):
@@ -152,17 +296,80 @@ def build_dataset(name, root, img_size, train=True, flip=None, channels=None):
         return lsun(name, root, img_size, flip, train, channels)
     if not os.path.isdir(root):
         raise DatasetError(f"{name}: data_root {root} is not a folder of images")
-    return ImageFiles(root, image_transform(img_size, flip, channels))
+    return ImageFiles(root, img_size, flip, channels)
 
 
+def worker_error(error):
+    """A DatasetError raised in a loader worker arrives with the worker's traceback in its
+    message: the error with its one line again."""
+    return DatasetError(str(error).strip().splitlines()[-1].split("DatasetError: ")[-1])
 
-def as_tensor(dataset):
-    """The whole dataset as one tensor (uint8 0..255, or float in [-1, 1]) for holding on
-    the GPU, or None when it is not already in memory at its training size."""
+
+def free_memory(device):
+    """Bytes free on the device: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class Pixels(Dataset):
+    """The uint8 images of an EncodedImages, for decoding them all through a DataLoader."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images.pixels(index)
+
+
+def decode_all(dataset, device, num_workers):
+    """Every image of an EncodedImages, decoded once into one uint8 tensor on the device,
+    batch by batch, so that the host never holds the whole dataset."""
+    shape = (len(dataset), dataset.channels, dataset.img_size, dataset.img_size)
+    size, free = int(np.prod(shape)), free_memory(device)
+    if size > free // 2:  # the other half: the model, its activations, Adam, the samplers
+        raise DatasetError(
+            f"--data_on_device: {shape[0]:,} images of {shape[2]}x{shape[3]} take {size / 2 ** 30:.1f} "
+            f"GiB as uint8, more than half of the {free / 2 ** 30:.1f} GiB free on {device}; train "
+            "with --nodata_on_device (the loader decodes them as it goes)")
+    stored = torch.empty(shape, dtype=torch.uint8, device=device)
+    loader = DataLoader(Pixels(dataset), batch_size=64, num_workers=num_workers)
+    first = 0
+    try:
+        for batch in tqdm(loader, desc=f"decoding {shape[0]:,} images onto {device}", unit="batch",
+                          disable=not distributed.is_main()):
+            stored[first:first + len(batch)] = batch.to(device)
+            first += len(batch)
+    except DatasetError as error:
+        raise worker_error(error) from None
+    return stored
+
+
+def as_tensor(dataset, device="cpu", decode=False, num_workers=0):
+    """The whole dataset as one tensor on the device (uint8 0..255, or float in [-1, 1]) to
+    train without a loader, or None when it is not held so.
+
+    CIFAR10 (at 32x32) and the digits are in memory already. Encoded images (folders,
+    CelebA-HQ, LSUN) only with decode: each is decoded once at the training size, a pass over
+    the whole dataset at every start, and all must fit in half the device's free memory.
+    """
+    device = torch.device(device)
     if isinstance(dataset, datasets.CIFAR10) and not dataset.transform.transforms[:-2]:
-        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous().to(device)
     if isinstance(dataset, TransformedTensors) and dataset.images.shape[-1] == dataset.img_size:
-        return to_signed_unit(dataset.images)
+        return to_signed_unit(dataset.images).to(device)
+    if isinstance(dataset, EncodedImages) and decode:
+        return decode_all(dataset, device, num_workers)
     return None
 
 

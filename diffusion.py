@@ -89,8 +89,11 @@ def sample_timesteps(T, steps, skip_type):
     quadratic: int(s^2) for s in linspace(0, sqrt(0.8 T), steps) (the DDIM code's "quad"): dense
                near t = 0, ending at 0.8 T; x_T ~ N(0, I) stands in for x at that step.
     Repeated steps (quadratic with many steps) are dropped: a DDIM step from t to t is the
-    identity, so fewer than `steps` model calls may remain.
+    identity, so fewer than `steps` model calls may remain. steps = T is the full chain
+    0..T-1 whatever the skip type.
     """
+    if steps >= T:
+        return list(range(T))
     if skip_type == "uniform":
         kept = np.arange(0, T, T // steps)
     else:

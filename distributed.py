@@ -1,10 +1,13 @@
 """Process groups for DistributedDataParallel: started here by torch.multiprocessing
 (--nprocs) or from outside by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)."""
+import ctypes
 import datetime
 import os
 import signal
 import socket
 import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -79,13 +82,33 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-def any_rank(flag, device):
-    """True on every rank when `flag` is true on any rank (a stop request, say)."""
+def max_over_ranks(number, device):
+    """The largest of every rank's integer, on every rank (a stop signal's number, say)."""
     if not is_initialized():
-        return flag
-    value = torch.tensor([float(flag)], device=device)
+        return number
+    value = torch.tensor([number], dtype=torch.long, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return int(value.item())
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another process of the job went away."""
+
+
+# How Gloo and NCCL report a peer whose connection closed (its process or node died)
+PEER_LOST_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                   "remote process exited")
+
+
+def peer_lost(error):
+    """A one-line PeerLost for an error that says another process went away, else None."""
+    text = str(error)
+    sign = next((sign for sign in PEER_LOST_SIGNS if sign in text), None)
+    if not is_initialized() or (sign is None and not isinstance(error, dist.DistNetworkError)):
+        return None
+    return PeerLost(f"rank {rank()} of {world_size()} lost contact with another process of the job "
+                    f"({sign or type(error).__name__}): a process or node stopped, its own log says "
+                    "why; continue from the last checkpoint with --resume")
 
 
 def gather_objects(obj):
@@ -103,7 +126,33 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def _child(rank, fn, world_size, args):
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOP_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # main.py's exit on a stop signal
+
+
+def die_with_parent(parent):
+    """End this process when `parent` dies, however it dies (kill -9 included): orphaned
+    workers would otherwise hold their GPUs until someone noticed. On Linux the kernel
+    sends SIGKILL (prctl PR_SET_PDEATHSIG); everywhere a thread checks every second that
+    the parent is still ours, which also covers a parent that died before the prctl call.
+    SIGKILL rather than a stop request (torch's spawn asks for SIGINT, replaced here):
+    checkpoints are written atomically, so nothing is lost but the steps since the last one,
+    and a stop request would wait for the next log step."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # no prctl: not Linux
+        pass
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _child(rank, fn, world_size, args, parent):
+    die_with_parent(parent)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     fn(rank, world_size, *args)
 
@@ -116,8 +165,8 @@ def spawn(fn, nprocs, *args):
     # the parent waits for them instead of dying first. SIGTERM sent to the parent alone
     # (a scheduler's preemption) is passed on to the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    context = mp.start_processes(_child, args=(fn, nprocs, args), nprocs=nprocs, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(_child, args=(fn, nprocs, args, os.getpid()), nprocs=nprocs,
+                                 join=False, start_method="spawn")
 
     def forward(signum, frame):
         for process in context.processes:
@@ -129,5 +178,7 @@ def spawn(fn, nprocs, *args):
         while not context.join():
             pass
     except mp.ProcessExitedException as error:
+        if error.exit_code in STOP_EXIT_CODES:  # stopped by a signal, and rank 0 said so
+            sys.exit(error.exit_code)
         sys.exit(f"error: worker process {error.error_index} exited with code {error.exit_code}; "
                  "the other workers were stopped")

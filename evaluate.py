@@ -6,20 +6,21 @@ whatever the number of processes.
 """
 import json
 import os
+import sys
 import time
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 import checkpoint
 import data
 import distributed
+import files
 import speed
 import tools
-from score import Evaluator, gather, load_images, save_images
+from score import Evaluator, default_feature, gather, load_images, save_images
 from train import build_model, build_sampler, grid, stream_seed
 
 EVAL_NOISE, BPD_NOISE, INSPECT_NOISE = 4, 5, 6  # streams beside train.py's
@@ -28,7 +29,7 @@ GRID_IMAGES = 256
 
 def make_evaluator(flags, device):
     """The scorer for this run's data; raises ScoreError for missing weights or statistics."""
-    feature = flags.fid_feature or ("digits" if flags.dataset == "digits" else "inception")
+    feature = flags.fid_feature or default_feature(flags.dataset)
     return Evaluator(feature, flags.fid_cache or None, device, flags.inception_weights,
                      quantize=flags.fid_quantize, dataset=flags.dataset,
                      data_root=flags.data_root, img_size=flags.img_size)
@@ -72,18 +73,21 @@ def report(flags, scores, step, writer=None):
     """Print, append a JSON line to <logdir>/eval.txt and log to TensorBoard (main process)."""
     if not distributed.is_main():
         return
-    print(", ".join(f"{name} {value:.4f}" for name, value in scores.items()))
-    with open(os.path.join(flags.logdir, "eval.txt"), "a") as file:
-        file.write(json.dumps({"step": step, "time": time.time(), **scores}) + "\n")
+    numbers = {name: value for name, value in scores.items() if name != "warning"}
+    if "warning" in scores:
+        print(f"warning: {scores['warning']}", file=sys.stderr)
+    print(", ".join(f"{name} {value:.4f}" for name, value in numbers.items()))
+    files.append_line(os.path.join(flags.logdir, "eval.txt"),
+                      json.dumps({"step": step, "time": time.time(), **scores}))
     if writer is not None:
-        for name, value in scores.items():
+        for name, value in numbers.items():
             writer.add_scalar(name, value, step)
 
 
 def load_ema(flags, device):
     path = os.path.join(flags.logdir, "ckpt.pt")
-    state = checkpoint.load(path)
-    ema = build_model(flags)
+    state = checkpoint.load(path, required=("ema_model",))
+    ema = build_model(flags, checkpoint.layout_of(state, path, flags.layout))
     checkpoint.load_weights(ema, state["ema_model"], path)
     return ema.to(device).eval(), state.get("step")
 
@@ -103,7 +107,7 @@ def evaluate(flags, device_type):
     images, first_index, first = generate(flags, sampler, flags.num_images, device)
     images = (images + 1) / 2
     if distributed.is_main():
-        save_image(grid(first), os.path.join(flags.logdir, "samples_ema.png"))
+        files.save_png(grid(first), os.path.join(flags.logdir, "samples_ema.png"))
     if flags.save_samples:
         save_samples(flags.save_samples, images, first_index)
     report(flags, score(evaluator, images), step)
@@ -134,10 +138,15 @@ def bits_per_dim(flags, device_type):
     sampler = build_sampler(flags, ema, full_chain=True).to(device)
     dataset = data.build_dataset(flags.dataset, flags.data_root, flags.img_size,
                                  train=flags.bpd_split == "train", flip=False, channels=flags.img_channels)
-    first, last = my_block(min(len(dataset), flags.bpd_num_images or len(dataset)))
-    loader = DataLoader(Subset(dataset, range(first, last)), batch_size=flags.eval_batch_size,
-                        num_workers=flags.num_workers)
-    generator = torch.Generator(device).manual_seed(stream_seed(flags.seed, BPD_NOISE, distributed.rank()))
+    # whole batches per process, each batch's noise seeded by its global index: the same
+    # sums on any number of processes
+    count, batch = min(len(dataset), flags.bpd_num_images or len(dataset)), flags.eval_batch_size
+    first_batch, last_batch = my_block(-(-count // batch))
+    loader = DataLoader(Subset(dataset, range(first_batch * batch, min(last_batch * batch, count))),
+                        batch_size=batch, num_workers=flags.num_workers)
+
+    def generator(n):
+        return torch.Generator(device).manual_seed(stream_seed(flags.seed, BPD_NOISE, first_batch + n))
     sums = tools.bpd_sums(sampler, loader, progress=distributed.is_main(), generator=generator)
     sums = {name: distributed.all_reduce_sum(value) for name, value in sums.items()}
     if distributed.is_main():

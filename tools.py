@@ -81,15 +81,17 @@ def save_progressive(progressive, logdir, prefix="progressive", frame_ms=100):
 def interpolate(sampler, x0_a, x0_b, t, lambdas, generator=None):
     """Interpolation in the latent x_t (Ho et al. sec. 4.3, the official interpolate).
 
-    x_t^a, x_t^b ~ q(x_t | x_0) with one shared noise, mixed linearly as
-    (1 - lambda) x_t^a + lambda x_t^b and denoised by the sampler from t (one of its timesteps).
-    With a generator, every lambda gets the same reverse-process noise (the generator restarts
-    from one state), so the results differ only through lambda. Returns (B, L, C, H, W).
+    x_t^a, x_t^b ~ q(x_t | x_0), each endpoint diffused with its own noise as the official
+    code does, mixed linearly as (1 - lambda) x_t^a + lambda x_t^b and denoised by the sampler
+    from t (one of its timesteps). With a generator, every lambda gets the same reverse-process
+    noise (the generator restarts from one state), so the results differ only through lambda.
+    Returns (B, L, C, H, W).
     """
     batch_t = torch.full((x0_a.shape[0],), t, dtype=torch.long, device=x0_a.device)
-    noise = torch.randn(x0_a.shape, generator=generator, device=x0_a.device, dtype=x0_a.dtype)
-    x_t_a = sampler.q_sample(x0_a, batch_t, noise)
-    x_t_b = sampler.q_sample(x0_b, batch_t, noise)
+    noise_a, noise_b = (torch.randn(x0_a.shape, generator=generator, device=x0_a.device, dtype=x0_a.dtype)
+                        for _ in range(2))
+    x_t_a = sampler.q_sample(x0_a, batch_t, noise_a)
+    x_t_b = sampler.q_sample(x0_b, batch_t, noise_b)
     state = None if generator is None else generator.get_state()
     mixed = []
     for lam in lambdas:
@@ -110,12 +112,14 @@ def bpd_sums(sampler, loader, progress=False, generator=None):
 
     Returns count, total_bpd, total_bpd_sq (its square, for the standard error), prior_bpd,
     terms_bpd (T,) and mse (T,) as tensors on the sampler's device: under DDP all_reduce each
-    with SUM across the ranks' shards, then pass the sums to save_bpd.
+    with SUM across the ranks' shards, then pass the sums to save_bpd. generator: a
+    torch.Generator, or a function of the batch number n that returns batch n's.
     """
     device = sampler.betas.device
     sums = {}
-    for x_0, _ in tqdm(loader, desc="bits/dim batches", disable=not progress):
-        result = sampler.calc_bpd_loop(x_0.to(device), progress=progress, generator=generator)
+    for n, (x_0, _) in enumerate(tqdm(loader, desc="bits/dim batches", disable=not progress)):
+        result = sampler.calc_bpd_loop(x_0.to(device), progress=progress,
+                                       generator=generator(n) if callable(generator) else generator)
         batch = {
             "count": torch.tensor(float(x_0.shape[0]), dtype=torch.float64, device=device),
             "total_bpd": result["total_bpd"].sum(),

@@ -5,6 +5,7 @@ and its 10-way logits the part of Inception's 1008-way logits (Inception-style s
 10), so the digits demo is scored by the same code as CIFAR10, with no weights to download.
 """
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -72,13 +73,18 @@ def train_classifier(recipe=RECIPE):
 
 
 def load_classifier(path=CLASSIFIER):
-    """The classifier cached at path, trained (a few seconds) and saved there if absent or stale."""
+    """The classifier cached at path, trained (a few seconds) and saved there if absent,
+    stale or unreadable (a cache: retraining gives the same weights)."""
     if os.path.isfile(path):
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached["recipe"] == RECIPE:
-            net = DigitsNet(RECIPE["features"])
-            net.load_state_dict(cached["state_dict"])
-            return net.requires_grad_(False).eval()
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if cached["recipe"] == RECIPE:
+                net = DigitsNet(RECIPE["features"])
+                net.load_state_dict(cached["state_dict"])
+                return net.requires_grad_(False).eval()
+        except Exception as error:  # truncated, corrupt, refused by weights_only, other keys
+            print(f"note: the cached digits classifier {path} is unreadable "
+                  f"({type(error).__name__}); training it again", file=sys.stderr)
     net = train_classifier()
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)

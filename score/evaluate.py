@@ -14,6 +14,25 @@ from .metrics import (ScoreError, frechet_distance, inception_score, load_statis
 FEATURES = ("inception", "digits")
 
 
+def default_feature(dataset):
+    """The feature network a dataset is scored with unless one is named: the offline digits
+    classifier for the digits, the FID Inception network for everything else."""
+    return "digits" if dataset == "digits" else "inception"
+PUBLISHED_SAMPLES = 50000  # the sample count of published FIDs
+
+
+def small_sample_warning(feature, count):
+    """One line saying why an Inception FID of `count` samples misleads, or None."""
+    if feature != "inception" or count >= PUBLISHED_SAMPLES:
+        return None
+    if count < inception.POOL_DIM:
+        return (f"FID of {count} samples, fewer than the {inception.POOL_DIM} Inception features: the "
+                "covariance is singular and the FID biased high; not comparable with published FIDs "
+                f"({PUBLISHED_SAMPLES:,} samples)")
+    return (f"FID of {count} samples is not comparable with published FIDs, which use "
+            f"{PUBLISHED_SAMPLES:,} samples (fewer samples give a higher FID)")
+
+
 def fid_cache_command(output, feature, dataset=None, data_root=None, img_size=None,
                       inception_weights=None):
     """The shell command that writes the FID statistics `output` (for error messages)."""
@@ -49,6 +68,7 @@ class Evaluator:
         if feature not in FEATURES:
             raise ScoreError(f"unknown feature {feature!r}: expected one of {', '.join(FEATURES)}")
         self.device = torch.device(device)
+        self.feature = feature
         self.quantize = quantize
         self.batch_size = batch_size
         weights = inception.find_weights(inception_weights) if feature == "inception" else None
@@ -80,10 +100,14 @@ class Evaluator:
         if torch.is_tensor(images):
             images = images.split(self.batch_size)
         pools, logits = [], []
+        count, nonfinite = 0, torch.zeros((), dtype=torch.long, device=self.device)
         for batch in tqdm(images, desc="features", disable=not progress, leave=False):
             # one memory layout: a channels-last input would take other conv kernels and
             # round differently, so the same images could give different features
             batch = batch.to(self.device, torch.float32).contiguous()
+            # counted on the device, read once at the end: quantizing would hide NaN
+            nonfinite += (~torch.isfinite(batch)).flatten(1).any(1).sum()
+            count += len(batch)
             if self.quantize:
                 batch = metrics.quantize(batch)
             pool, logit = self.net(batch)
@@ -91,13 +115,20 @@ class Evaluator:
             logits.append(logit.double())
         if not pools:
             raise ScoreError("no images to score")
+        if nonfinite:
+            raise ScoreError(f"{int(nonfinite)} of {count} samples contain NaN or inf values, so "
+                             "nothing was scored (a diverged model?)")
         return torch.cat(pools), torch.cat(logits)
 
     def score(self, features, logits):
-        """{'IS', 'IS_std'} and, with reference statistics, 'FID', from all ranks' features."""
+        """{'IS', 'IS_std'} and, with reference statistics, 'FID', from all ranks' features;
+        'warning' too for an Inception FID of too few samples (small_sample_warning)."""
         scores = dict(zip(("IS", "IS_std"), inception_score(logits)))
         if self.reference is not None:
             scores["FID"] = frechet_distance(*statistics(features), *self.reference)
+            warning = small_sample_warning(self.feature, len(features))
+            if warning:
+                scores["warning"] = warning
         return scores
 
 
@@ -110,9 +141,10 @@ def load_images(path):
                 array = stored["arr_0"]
         except (OSError, ValueError, KeyError) as error:
             raise ScoreError(f"{path}: not an .npz of images under 'arr_0' ({error})") from None
-        if array.dtype != np.uint8 or array.ndim != 4 or len(array) == 0:
-            raise ScoreError(f"{path}: expected non-empty uint8 images (N, H, W, C) under 'arr_0', "
-                             f"got {array.dtype} {array.shape}")
+        if array.dtype != np.uint8 or array.ndim != 4 or len(array) == 0 or array.shape[-1] not in (1, 3):
+            raise ScoreError(f"{path}: expected non-empty uint8 images (N, H, W, C) with C 1 or 3 under "
+                             f"'arr_0', got {array.dtype} {array.shape}"
+                             + (" (channels first?)" if array.ndim == 4 and array.shape[1] in (1, 3) else ""))
         return torch.from_numpy(array).permute(0, 3, 1, 2).float().contiguous() / 255
     if not os.path.isdir(path):
         raise ScoreError(f"{path}: not a folder of images or an .npz file")

@@ -28,7 +28,10 @@ def dataset_statistics(dataset, data_root, img_size, evaluator, num_workers=2):
     loader = torch.utils.data.DataLoader(images, batch_size=evaluator.batch_size,
                                          num_workers=num_workers)
     batches = ((x + 1) / 2 for x, _ in tqdm(loader, desc=f"{dataset} features", unit="batch"))
-    return statistics(evaluator.features(batches)[0])
+    try:
+        return statistics(evaluator.features(batches)[0])
+    except data.DatasetError as error:  # an unreadable image, maybe met by a loader worker
+        raise data.worker_error(error) from None
 
 
 def main(argv=None):

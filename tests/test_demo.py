@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from data import digits_array
@@ -12,6 +13,7 @@ from score import Evaluator
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_the_demo_configuration_learns_digits(tmp_path):
     # 600 of the demo's 2500 steps, scored on 500 samples (100 strided ancestral steps). The
     # EMA horizon shrinks with the run: at decay 0.999 the EMA would still weigh the initial
@@ -28,10 +30,11 @@ def test_the_demo_configuration_learns_digits(tmp_path):
     generator = torch.Generator().manual_seed(0)
     noise = evaluator.score(*evaluator.features(torch.rand(500, 1, 8, 8, generator=generator)))
     held_out = evaluator.score(*evaluator.features(torch.from_numpy(digits_array(train=False)[0])))
-    # Measured (2 CPU cores, torch 2.14.1): this model FID 49.5, IS 6.9; uniform noise FID 661,
-    # IS 3.2; the 297 held-out real digits FID 22.4, IS 8.3 (the full 2500-step demo: FID 10-13).
-    # "Much nearer the real digits than noise": under a fifth of the noise's distance (a margin
-    # of 2.7x over the measured value for run-to-run variation), and an Inception-style score
-    # closer to the real digits' than to the noise's.
-    assert model["FID"] < noise["FID"] / 5
-    assert abs(model["IS"] - held_out["IS"]) < abs(noise["IS"] - held_out["IS"])
+    # Measured (2 CPU cores, torch 2.14.1): this model FID 49.3, IS 6.9 (--seed 1: FID 48.8,
+    # IS 6.8); the same recipe stopped at 200 steps, a stand-in for a bug that slows learning
+    # 3x: FID 158, IS 5.4; uniform noise FID 661, IS 3.2; the 297 held-out real digits FID 22.4,
+    # IS 8.3 (the full 2500-step demo: FID 10-13). The thresholds sit 1.4x above the measured
+    # FID and 0.8 below the measured IS, and well short of the 200-step model's.
+    assert model["FID"] < 70
+    assert model["IS"] > 6.0
+    assert noise["FID"] > 500 and held_out["FID"] < 30  # the yardsticks are what they were

@@ -83,3 +83,69 @@ def test_training_on_the_fast_path_end_to_end(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.exists(tmp_path / "sample" / "40.png")
     assert "FID" in open(tmp_path / "eval.txt").read()
+
+
+def new_batches(steps, generator, batch=128):
+    """Other images and noise for every step, and timesteps from another fifth of the chain
+    (step k: t in [200 k, 200 k + 200)), so that each step's gradients differ widely."""
+    return [(torch.rand(batch, 3, 32, 32, generator=generator, device="cuda") * 2 - 1,
+             torch.randint(200 * (k % 5), 200 * (k % 5 + 1), (batch,), generator=generator, device="cuda"),
+             torch.randn(batch, 3, 32, 32, generator=generator, device="cuda")) for k in range(steps)]
+
+
+def gradients_per_step(fast, batches):
+    """The loss and gradients of each batch, taken (copied) right after its backward pass."""
+    net = speed.to_layout(paper_unet(), fast)
+    trainer = GaussianDiffusionTrainer(speed.fast(net, fast), 1e-4, 0.02, 1000).cuda()
+    results = []
+    for x_0, t, noise in batches:
+        loss = trainer(x_0, t, noise).mean()
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten().float() for p in net.parameters()
+                                                if p.grad is not None])))
+        net.zero_grad(set_to_none=True)
+    return results
+
+
+def test_cuda_graph_train_steps_on_new_inputs_match_eager_step_for_step():
+    """Five steps on the CUDA-graph path (compile mode reduce-overhead, bf16, channels_last),
+    each on new images, timesteps and noise, against fp32 eager on the same batches. A replay
+    that reads a stale input (its static buffer not refreshed) computes another batch's
+    gradients. Measured on the CPU with a smaller UNet (eager bf16): rounding moves the
+    gradients by 0.5-0.7% relative, another step's batch by 21-78%; the tolerance is 5% (as
+    test_fast_train_step_matches_fp32_eager), and the batches must differ by 3 times that.
+    The first two steps warm up and record the graphs."""
+    assert settings().cuda_graphs
+    batches = new_batches(5, torch.Generator("cuda").manual_seed(4))
+    reference = gradients_per_step(settings(precision="fp32", compile=False, channels_last=False), batches)
+    graphs = gradients_per_step(settings(), batches)
+    for step, ((loss, grads), (fast_loss, fast_grads)) in enumerate(zip(reference, graphs)):
+        assert abs(fast_loss - loss) < 0.01 * loss, step
+        assert ((fast_grads - grads).norm() / grads.norm()).item() < 0.05, step
+        assert torch.nn.functional.cosine_similarity(fast_grads, grads, dim=0) > 0.998, step
+    for (_, before), (_, after) in zip(reference, reference[1:]):  # each step a different answer
+        assert ((after - before).norm() / before.norm()).item() > 0.15
+
+
+@torch.no_grad()
+def test_cuda_graph_sampler_on_new_inputs_matches_eager_step_for_step():
+    """Two 20-step sampler runs from different x_T on the CUDA-graph path, every step's x_t
+    against fp32 eager from the same x_T and noise: a replay reading a stale x_t would repeat
+    an earlier step's output. Tolerances as test_fast_sampler_matches_fp32_given_the_same_noise."""
+    net = paper_unet().eval()
+    runs = {}
+    for name, fast in [("eager", settings(precision="fp32", compile=False, channels_last=False)),
+                       ("graphs", settings())]:
+        sampler = GaussianDiffusionSampler(speed.fast(speed.to_layout(net, fast), fast), 1e-4, 0.02, 1000,
+                                           sample_steps=20).cuda()
+        generator = torch.Generator("cuda").manual_seed(5)
+        runs[name] = []
+        for _ in range(2):
+            x_t = torch.randn(64, 3, 32, 32, generator=generator, device="cuda")
+            for i in reversed(range(len(sampler.timesteps))):
+                x_t, _ = sampler.step(x_t, i, generator)
+                runs[name].append(x_t.clone())
+    for step, (eager, graphs) in enumerate(zip(runs["eager"], runs["graphs"])):
+        assert (graphs - eager).abs().mean() < 0.01, step
+    first, second = runs["eager"][19], runs["eager"][39]  # the two runs' samples differ
+    assert (first - second).abs().mean() > 0.3

@@ -1,6 +1,8 @@
 """The variational bound in bits/dim, the "kl" loss and the learned variance.
 
-References are written independently with numpy/scipy from REFERENCE.md sec. 1.
+References are written independently with numpy/scipy from the formulas of Ho et al. 2020
+(eqs. 4-7 and 13) and the official code (diffusion_utils_2.py: normal_kl,
+discretized_gaussian_log_likelihood, calc_bpd_loop).
 """
 import json
 import math

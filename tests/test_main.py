@@ -28,8 +28,8 @@ def run_main(*args, expect_ok=True):
 
 
 def weights(logdir):
-    state = torch.load(os.path.join(logdir, "ckpt.pt"), weights_only=False)
-    return state
+    # weights_only: a checkpoint holds nothing that loading with it refuses
+    return torch.load(os.path.join(logdir, "ckpt.pt"), weights_only=True)
 
 
 def assert_same_weights(first, second, atol):
@@ -132,15 +132,16 @@ def test_fast_path_splits_the_batch_up_to_bf16_rounding(tmp_path):
     """On the bf16 path, micro-batches and processes change the batch shapes the kernels see,
     and so the bf16 rounding: the runs agree only to that. Measured after 3 steps: 27% of the
     weights differ from the whole-batch run by more than 1e-5, the largest by 3e-3 (bf16 against
-    fp32: 68%, 3.2e-3); a wrong data, noise or timestep slice changes 99.6%, by up to 0.5."""
+    fp32: 68%, 3.2e-3); a wrong data, noise or timestep slice changes 99.6%, by up to 0.5. So at
+    most 40% (which one split run falling back to fp32 exceeds) and 6e-3."""
     common = ["--train", "--total_steps", "3", "--dropout", "0", "--save_step", "0", "--sample_step", "0", *FAST]
     run_main(*common, "--logdir", str(tmp_path / "whole"))
     splits = {"micro": ["--accum_steps", "4"], "two": ["--nprocs", "2", "--device", "cpu"]}
     for name, split in splits.items():
         run_main(*common, "--logdir", str(tmp_path / name), *split)
         net = net_differences(weights(tmp_path / "whole"), weights(tmp_path / name))
-        assert (net > 1e-5).float().mean() < 0.5, name
-        assert net.max() < 1e-2, name
+        assert (net > 1e-5).float().mean() < 0.4, name
+        assert net.max() < 6e-3, name
 
 
 @pytest.mark.parametrize("args,message", [
@@ -180,7 +181,7 @@ def test_existing_checkpoint_needs_resume(tmp_path):
 def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
     logdir = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "main.py"), *TINY, "--train", "--logdir", str(logdir),
+        [sys.executable, os.path.join(ROOT, "main.py"), *TINY, "--train", "--eval", "--logdir", str(logdir),
          "--total_steps", "100000", "--save_step", "100000", "--sample_step", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -189,8 +190,10 @@ def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
     time.sleep(2)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-3000:]
-    assert "stopped by a signal" in stdout
+    # 128 + SIGTERM, as a shell reports a killed process: the command did not finish
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM" in stdout and "Traceback" not in stderr
+    assert not os.path.exists(logdir / "samples_ema.png")  # --eval did not start
     state = weights(str(logdir))
     assert 1 <= state["step"] < 100000
     run_main("--train", "--resume", "--logdir", str(logdir), "--total_steps", str(state["step"] + 1),
@@ -228,3 +231,18 @@ def test_a_failing_rank_ends_the_whole_job():
     assert result.returncode != 0
     assert "error: rank 1 cannot go on" in result.stderr
     assert "worker process 1 exited with code 1; the other workers were stopped" in result.stderr
+
+
+def test_help_opens_with_the_common_commands_and_lists_every_flag_once_by_section():
+    result = subprocess.run([sys.executable, "main.py", "--helpshort"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("DDPM") and "--flagfile ./config/digits.cfg --train --eval" in result.stdout
+    import main
+    own = {flag.name for flag in main.FLAGS.get_flags_for_module(main)}
+    listed = [line.split(":")[0].strip()[2:] for line in lines if line.startswith("  --")]
+    assert sorted(listed) == sorted(own)  # every flag of main.py, each once
+    for title in ("UNet:", "Training:", "Evaluation:", "Data:"):
+        assert title in lines
+    assert lines.index("UNet:") < lines.index("  --ch: base channel count of the UNet (default: 128)")

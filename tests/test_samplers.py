@@ -1,6 +1,7 @@
 """Fast samplers (DDIM, strided ancestral), progressive sampling and interpolation.
 
-The references below are written from the formulas of REFERENCE.md sec. 1 in numpy float64,
+The references below are written from the formulas of Ho et al. 2020 (eqs. 6-7, Algorithm 2)
+and Song et al. 2021 (DDIM, eq. 12) in numpy float64,
 independently of diffusion.py; the sampler runs the same deterministic toy model in float64
 and draws its noise from a generator that the reference replays in the same order.
 """
@@ -108,6 +109,10 @@ def test_timesteps_follow_the_official_ddim_definitions():
     official = [int(s) for s in np.linspace(0, np.sqrt(1000 * 0.8), 50) ** 2]
     assert quadratic == sorted(set(official)) and quadratic[-1] == 800
     assert len(quadratic) == 49  # 0 appears twice in the official list
+    # sample_steps 0 means T: the full chain, whatever the skip type (not 688 steps to t = 800)
+    assert sample_timesteps(1000, 1000, "quadratic") == list(range(1000))
+    sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, skip_type="quadratic")
+    assert sampler.timesteps == list(range(T)) and sampler.respaced is None
 
 
 @pytest.mark.parametrize("mean_type", ["epsilon", "xstart", "xprev"])
@@ -269,7 +274,9 @@ def test_progressive_sampling_records_every_kth_step_and_saves(tmp_path):
         assert gif.n_frames == 4
 
 
-def test_interpolation_shares_the_noise_across_lambdas(tmp_path):
+def test_interpolation_diffuses_each_endpoint_with_its_own_noise(tmp_path):
+    """The official interpolate: x_t^a and x_t^b from independent noise, one reverse-process
+    noise for every lambda."""
     sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, sampler="ddim",
                                        sample_steps=10, eta=1.0)
     x0_a = torch.full(SHAPE, -0.5, dtype=torch.float64)
@@ -279,14 +286,15 @@ def test_interpolation_shares_the_noise_across_lambdas(tmp_path):
     assert mixed.shape == (3, 3, 1, 4, 4)
 
     generator.manual_seed(0)
-    noise = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
+    noise_a = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
+    noise_b = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
+    assert not torch.allclose(noise_a, noise_b)
     t = torch.full((3,), 20)
+    x_t_a, x_t_b = sampler.q_sample(x0_a, t, noise_a), sampler.q_sample(x0_b, t, noise_b)
     state = generator.get_state()
-    # q_sample with one noise is affine in x_0, so the lambda = 0.5 mix of the two x_t is
-    # x_t of the mean image
-    for column, x_0 in ((0, x0_a), (1, (x0_a + x0_b) / 2), (2, x0_b)):
+    for column, x_t in ((0, x_t_a), (1, (x_t_a + x_t_b) / 2), (2, x_t_b)):
         generator.set_state(state)
-        expected = sampler.denoise(sampler.q_sample(x_0, t, noise), 20, generator)
+        expected = sampler.denoise(x_t, 20, generator)
         torch.testing.assert_close(mixed[:, column], expected, rtol=1e-12, atol=1e-12)
 
     save_interpolation(tmp_path / "interp_t20.png", x0_a, x0_b, mixed)

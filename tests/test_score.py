@@ -125,6 +125,23 @@ def test_saved_images_read_back_as_their_quantization(tmp_path):
     assert torch.equal(load_images(str(tmp_path / "gray")), gray)
 
 
+def test_8_bit_rounding_is_that_of_torchvision_save_image(tmp_path):
+    """to_uint8 (and so quantize and save_images) rounds as torchvision's save_image writes a
+    PNG, to the nearest level, so the FID of rounded samples is the FID of saved PNGs. Catches
+    truncation, which darkens every image by half a level on average."""
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    from score.metrics import to_uint8
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    images[0, 0, 0, :3] = torch.tensor([0.4 / 255, 0.6 / 255, 254.6 / 255])  # either side of a level
+    for i, image in enumerate(images):
+        save_image(image, tmp_path / f"{i}.png")
+        saved = np.asarray(Image.open(tmp_path / f"{i}.png"))
+        assert np.array_equal(to_uint8(image).permute(1, 2, 0).numpy(), saved)
+    assert to_uint8(images[0, 0, 0, :3]).tolist() == [0, 1, 255]
+
+
 @pytest.fixture(scope="session")
 def classifier(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("digits") / "digits_classifier.pt")

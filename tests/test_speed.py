@@ -54,9 +54,11 @@ def test_bf16_channels_last_train_step_matches_fp32():
     reference_loss, reference_grads = loss_and_grads(tiny_unet(), settings())
     fast_net = speed.to_layout(tiny_unet(), settings(precision="bf16", channels_last=True))
     fast_loss, fast_grads = loss_and_grads(fast_net, settings(precision="bf16", channels_last=True))
-    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2%) per operation; through a
-    # dozen layers the loss moves by well under 1% and the gradient direction barely turns.
-    assert abs(fast_loss - reference_loss) < 0.01 * reference_loss
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2%) per operation. Measured: the
+    # loss moves by 0.06%, the gradients by 2.1% relative (cosine 0.99979); a bug that feeds
+    # each image another image's timestep moves the loss by only 0.16% but the gradients by
+    # 88% (cosine 0.61): the gradient checks are the sharp ones.
+    assert abs(fast_loss - reference_loss) < 0.003 * reference_loss
     assert relative_error(fast_grads, reference_grads) < 0.05
     assert torch.nn.functional.cosine_similarity(fast_grads, reference_grads, dim=0) > 0.998
 
@@ -84,7 +86,8 @@ def test_bf16_sampler_matches_fp32_given_the_same_noise():
                                            sample_steps=100)
         images[name] = sampler(x_T, generator=torch.Generator().manual_seed(3))
     difference = (images["bf16"] - images["fp32"]).abs()
-    # Documented tolerance: the 100-step chain feeds bf16 rounding of each eps_hat
-    # (~0.4% relative) back into x_t; measured mean 0.002, max 0.03 on [-1, 1] images.
-    assert difference.mean() < 0.01
-    assert difference.max() < 0.1
+    # The 100-step chain feeds bf16 rounding of each eps_hat (~0.4% relative) back into x_t;
+    # measured mean 0.0024, max 0.032 on [-1, 1] images. Noise not drawn from the generator
+    # (other noise than the fp32 run's): mean 0.83, max 2.0.
+    assert difference.mean() < 0.005
+    assert difference.max() < 0.065

@@ -1,0 +1,445 @@
+"""Reliability and security (issue 10): an untrusted checkpoint runs no code, a bad value never
+trains silently, NaN never becomes a score, a full disk or a killed parent loses nothing, a
+stop signal stops the whole command. Tiny digits runs on the CPU, as in test_main.py."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import checkpoint
+import evaluate
+import files
+import main
+import train
+from score import Evaluator, ScoreError, load_images
+from score.evaluate import small_sample_warning
+from test_main import ROOT, TINY
+
+
+def run_main(*args, prelude=""):
+    """main.py with TINY and args in a subprocess; prelude: Python run before it (a patch)."""
+    launch = (f"import runpy, sys\n{prelude}\nsys.argv = sys.argv[1:]\n"
+              "runpy.run_path('main.py', run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", launch, "main.py", *TINY, *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def assert_one_line_error(result, *parts):
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(part in errors[0] for part in parts), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A logdir after 2 training steps, made once; tests work on copies (see `run`)."""
+    logdir = str(tmp_path_factory.mktemp("trained") / "run")
+    result = run_main("--train", "--logdir", logdir, "--total_steps", "2", "--save_step", "0",
+                      "--sample_step", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return logdir
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    logdir = str(tmp_path / "run")
+    shutil.copytree(trained, logdir)
+    return logdir
+
+
+def load(logdir):
+    return torch.load(os.path.join(logdir, "ckpt.pt"), weights_only=True)
+
+
+# ---------------------------------------------------------------- untrusted checkpoints
+
+
+class Payload:
+    """Unpickling it would create a folder: the code a malicious checkpoint runs."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_checkpoint_with_a_pickle_payload_runs_no_code(run, tmp_path):
+    marker = str(tmp_path / "payload_ran")
+    torch.save({**load(run), "extra": Payload(marker)}, os.path.join(run, "ckpt.pt"))
+    for args in (["--notrain", "--eval", "--num_images", "10"],
+                 ["--train", "--resume", "--total_steps", "3"]):
+        result = run_main("--logdir", run, *args)
+        assert_one_line_error(result, "was not loaded", "posix.mkdir", "may be unsafe")
+        assert not os.path.exists(marker), args
+
+
+def test_rng_states_survive_weights_only_loading(tmp_path):
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(3).tolist()
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    draws()
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save(path, {"rng": [train.rng_state()]})
+    torch.load(path, weights_only=True)  # plain tensors and values: no allowlisted numpy types
+    expected = draws()
+    train.set_rng_state(checkpoint.load(path)["rng"][0])
+    assert draws() == expected
+    # this project's checkpoints before the change stored numpy's state as an ndarray
+    legacy = {**train.rng_state(), "numpy": np.random.get_state()}
+    torch.save({"rng": [legacy]}, path)
+    expected = draws()
+    train.set_rng_state(checkpoint.load(path)["rng"][0])
+    assert draws() == expected
+
+
+def test_a_checkpoint_of_the_earlier_port_resumes(run):
+    state = load(run)
+    # the earlier port's keys only (no RNG states, no world size): sched a LambdaLR state_dict
+    torch.save({key: state[key] for key in checkpoint.TRAINING_KEYS}, os.path.join(run, "ckpt.pt"))
+    result = run_main("--train", "--resume", "--logdir", run, "--total_steps", "3", "--sample_step", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load(run)["step"] == 3
+
+
+@pytest.mark.parametrize("content,required,message", [
+    ([1, 2], ("ema_model",), "holds a list, not a dict"),
+    ({"net_model": {}, "step": 1}, ("ema_model",), "has no ema_model"),  # for --eval
+    ({"ema_model": {}}, checkpoint.TRAINING_KEYS, "has no net_model, optim, sched, step, x_T"),  # --resume
+])
+def test_a_checkpoint_that_is_not_a_training_dict_is_one_line(tmp_path, content, required, message):
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(content, path)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.load(path, required)
+    with pytest.raises(checkpoint.CheckpointError, match="not a dict of tensors"):
+        checkpoint.load_weights(torch.nn.Linear(1, 1), {"weight": "x", "bias": 1}, path)
+
+
+# ---------------------------------------------------------------- flags
+
+
+@pytest.fixture
+def parse(tmp_path):
+    """Parse TINY plus args into main's flags (in this process), reset afterwards."""
+    def parse(*args):
+        main.FLAGS.unparse_flags()
+        main.parse_flags(["main.py", *TINY, *args])
+    yield parse
+    main.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--T", "-5"], "--T must be at least 1"),
+    (["--T", "0"], "--T must be at least 1"),
+    (["--ch", "0"], "--ch must be a positive multiple of 32"),
+    (["--ch_mult", "0"], "--ch_mult must be >= 1 at every level, got [1, 2, 0]"),  # TINY has 1, 2
+    (["--img_size", "0"], "--img_size must be at least 1"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--ema_decay", "1.5"], "--ema_decay must be in [0, 1]"),
+    (["--grad_clip", "-1"], "--grad_clip must be > 0"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--warmup", "-1"], "--warmup must be a number of steps >= 0"),
+    (["--sample_size", "0", "--sample_step", "0"], "--sample_size must be at least 1"),
+    (["--eta", "-0.5"], "--eta must be a finite number >= 0"),
+    (["--eta", "nan"], "--eta must be a finite number >= 0"),
+    (["--max_bad_steps", "-1"], "--max_bad_steps must be >= 0"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--eval", "--num_images", "0"], "--num_images must be positive"),
+    (["--notrain", "--bpd", "--bpd_num_images", "-1"], "--bpd_num_images must be >= 0"),
+])
+def test_out_of_range_flags_are_refused_before_any_work(parse, tmp_path, args, message):
+    logdir = str(tmp_path / "run")
+    parse("--train", "--logdir", logdir, *args)
+    with pytest.raises(main.ConfigError) as error:
+        main.validate(1, "cpu")
+    assert message in str(error.value) and "sample_steps" not in str(error.value)
+    assert not os.path.exists(logdir)  # nothing written: not even the folder
+
+
+def test_a_refused_flag_writes_no_flagfile(parse, tmp_path):
+    logdir = str(tmp_path / "run")
+    parse("--train", "--logdir", logdir, "--lr", "nan")
+    with pytest.raises(SystemExit, match="error: --lr must be a finite number"):
+        main.main([])
+    assert not os.path.exists(logdir)
+
+
+def test_resume_refuses_a_new_network_and_lists_other_changes(parse, run, capsys):
+    parse("--train", "--resume", "--logdir", run, "--ch", "64", "--T", "30", "--total_steps", "9")
+    with pytest.raises(main.ConfigError) as error:
+        main.validate(1, "cpu")
+    assert "--ch 32 -> 64; --T 20 -> 30" in str(error.value) and "total_steps" not in str(error.value)
+    parse("--train", "--resume", "--logdir", run, "--total_steps", "9", "--lr", "0.0005")
+    main.validate(1, "cpu")
+    notice = capsys.readouterr().err.strip()
+    assert "--lr 0.001 -> 0.0005" in notice and "--total_steps 2 -> 9" in notice
+    assert len(notice.splitlines()) == 1
+
+
+def test_resume_applies_a_new_lr_and_removes_a_stale_temporary(run):
+    with open(os.path.join(run, "ckpt.pt.tmp"), "wb") as stale:  # a save killed midway
+        stale.write(b"\0" * 1000)
+    result = run_main("--train", "--resume", "--logdir", run, "--total_steps", "3", "--lr", "0.0005",
+                      "--sample_step", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "removed ckpt.pt.tmp" in result.stderr and "--lr 0.001 -> 0.0005" in result.stderr
+    assert not os.path.exists(os.path.join(run, "ckpt.pt.tmp"))
+    state = load(run)
+    assert state["step"] == 3 and state["sched"]["base_lrs"] == [0.0005]
+    assert state["optim"]["param_groups"][0]["lr"] == 0.0005  # --warmup 0: the full rate
+
+
+# ---------------------------------------------------------------- non-finite values
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-on-device"])
+def test_a_non_finite_step_changes_nothing(fused):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    ema = torch.nn.Linear(4, 3).requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_lr(0))
+    flags = types.SimpleNamespace(grad_clip=1.0, ema_decay=0.9)
+    net(torch.randn(2, 4)).sum().backward()
+    assert not train.apply_gradients(net, ema, optimizer, scheduler, flags)
+    before = [tensor.clone() for tensor in (*net.parameters(), *ema.parameters(),
+                                            *optimizer.state[net.weight].values())]
+    (net(torch.randn(2, 4)).sum() * float("nan")).backward()
+    assert train.apply_gradients(net, ema, optimizer, scheduler, flags)
+    after = (*net.parameters(), *ema.parameters(), *optimizer.state[net.weight].values())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # weights, EMA, Adam moments, step
+    net(torch.randn(2, 4)).sum().backward()
+    assert not train.apply_gradients(net, ema, optimizer, scheduler, flags)
+    assert not torch.equal(before[0], net.weight) and not torch.equal(before[2], ema.weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_skipping_a_non_finite_step_needs_no_host_sync_with_fused_adam():
+    net = torch.nn.Linear(4, 3).cuda()
+    ema = torch.nn.Linear(4, 3).cuda().requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_lr(0))
+    flags = types.SimpleNamespace(grad_clip=1.0, ema_decay=0.9)
+    (net(torch.randn(2, 4, device="cuda")).sum() * float("nan")).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host read of a device value raises
+    try:
+        bad = train.apply_gradients(net, ema, optimizer, scheduler, flags)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert bad.item() and torch.isfinite(net.weight).all()
+
+
+def nan_loss_at(*steps):
+    """A prelude for run_main: the training loss is NaN at these steps (accum_steps 1)."""
+    return (f"import diffusion\nforward, calls = diffusion.GaussianDiffusionTrainer.forward, [0]\n"
+            f"def poisoned(self, *args, **kwargs):\n    calls[0] += 1\n"
+            f"    loss = forward(self, *args, **kwargs)\n"
+            f"    return loss * float('nan') if calls[0] in {steps} else loss\n"
+            f"diffusion.GaussianDiffusionTrainer.forward = poisoned")
+
+
+def test_a_non_finite_loss_is_skipped_then_stops_training(tmp_path):
+    logdir = str(tmp_path / "run")
+    result = run_main("--train", "--logdir", logdir, "--total_steps", "6", "--save_step", "1",
+                      "--sample_step", "0", "--max_bad_steps", "1", prelude=nan_loss_at(3, 5))
+    assert_one_line_error(result, "the loss is not finite at step 5", "(step 4) is left as it was")
+    assert "skipped 1 step(s)" in result.stdout + result.stderr
+    state = load(logdir)
+    assert state["step"] == 4  # step 3 was skipped, step 4 trained and saved, step 5 stopped it
+    assert all(torch.isfinite(tensor).all() for key in ("net_model", "ema_model")
+               for tensor in state[key].values())
+
+
+def test_nan_samples_are_never_scored(run):
+    state = load(run)
+    state["ema_model"] = {name: torch.full_like(tensor, float("nan"))
+                          for name, tensor in state["ema_model"].items()}
+    torch.save(state, os.path.join(run, "ckpt.pt"))
+    result = run_main("--notrain", "--eval", "--logdir", run, "--num_images", "20", "--eval_batch_size", "10")
+    assert_one_line_error(result, "20 of 20 samples contain NaN or inf", "nothing was scored")
+    assert not os.path.exists(os.path.join(run, "eval.txt"))
+
+
+def test_small_sample_inception_fid_is_flagged_and_recorded(tmp_path, capsys):
+    evaluator = Evaluator.__new__(Evaluator)  # the scoring half only: no Inception weights here
+    evaluator.feature = "inception"
+    generator = torch.Generator().manual_seed(0)
+    evaluator.reference = (torch.zeros(8, dtype=torch.float64), torch.eye(8, dtype=torch.float64))
+    scores = evaluator.score(torch.randn(100, 8, generator=generator, dtype=torch.float64),
+                             torch.randn(100, 10, generator=generator, dtype=torch.float64))
+    assert "fewer than the 2048 Inception features" in scores["warning"]
+    assert "not comparable with published FIDs" in small_sample_warning("inception", 2048)
+    assert small_sample_warning("inception", 50000) is None
+    assert small_sample_warning("digits", 100) is None
+    evaluate.report(types.SimpleNamespace(logdir=str(tmp_path)), scores, step=7)
+    assert capsys.readouterr().err.startswith("warning: FID of 100 samples")
+    line = json.loads(open(tmp_path / "eval.txt").read())
+    assert line["warning"] == scores["warning"] and line["FID"] == scores["FID"]
+
+
+# ---------------------------------------------------------------- unreadable inputs
+
+
+def test_a_corrupt_image_in_a_folder_dataset_is_named(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(15):
+        Image.fromarray(np.full((8, 8), 16 * i, np.uint8)).save(folder / f"{i:03d}.png")
+    (folder / "zzz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+    # a loader worker reads it: its error arrives wrapped in the worker's traceback
+    result = run_main("--train", "--logdir", str(tmp_path / "run"), "--dataset", "folder", "--data_root",
+                      str(folder), "--total_steps", "1", "--sample_step", "0", "--num_workers", "1")
+    assert_one_line_error(result, "cannot read image", "zzz_broken.png")
+
+
+@pytest.mark.parametrize("shape,hint", [((4, 3, 8, 8), "(channels first?)"), ((4, 8, 8, 2), "C 1 or 3")])
+def test_an_npz_of_the_wrong_layout_is_one_line(tmp_path, shape, hint):
+    path = str(tmp_path / "samples.npz")
+    np.savez(path, arr_0=np.zeros(shape, np.uint8))
+    with pytest.raises(ScoreError) as error:
+        load_images(path)
+    assert f"got uint8 {shape}" in str(error.value) and hint in str(error.value)
+
+
+def test_a_corrupt_digits_classifier_cache_is_retrained(tmp_path, capsys):
+    from score import digits
+    path = str(tmp_path / "digits_classifier.pt")
+    with open(path, "wb") as file:
+        file.write(b"not a checkpoint")
+    net = digits.load_classifier(path)
+    assert "unreadable" in capsys.readouterr().err
+    assert net(torch.zeros(1, 1, 8, 8))[1].shape == (1, 10)
+    assert torch.load(path, weights_only=True)["recipe"] == digits.RECIPE  # replaced by a good one
+
+
+# ---------------------------------------------------------------- full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (root only: skipped where mount is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield str(mount)
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_keeps_the_previous_files(small_disk):
+    path = os.path.join(small_disk, "ckpt.pt")
+    checkpoint.save(path, {"step": 1, "w": torch.ones(10)})
+    with pytest.raises(files.WriteError, match=r"disk is full: it needs about 4\.\d MB"):
+        checkpoint.save(path, {"step": 2, "w": torch.ones(2 ** 20)})
+    assert checkpoint.load(path)["step"] == 1
+    eval_txt = os.path.join(small_disk, "eval.txt")
+    files.append_line(eval_txt, '{"FID": 1}')
+    with open(os.path.join(small_disk, "filler"), "wb", buffering=0) as filler:  # the rest of the disk
+        with pytest.raises(OSError):
+            while True:
+                filler.write(b"\0" * 4096)
+    with pytest.raises(files.WriteError, match="eval.txt: the disk is full"):
+        files.append_line(eval_txt, '{"FID": 2}' + " " * 10000)
+    with pytest.raises(files.WriteError, match="grid.png"):
+        files.save_png(torch.rand(3, 64, 64), os.path.join(small_disk, "grid.png"))
+    assert open(eval_txt).read() == '{"FID": 1}\n'
+    assert sorted(os.listdir(small_disk)) == ["ckpt.pt", "eval.txt", "filler"]  # no .tmp left
+
+
+def test_training_onto_a_full_disk_is_one_line(small_disk):
+    result = run_main("--train", "--logdir", small_disk, "--total_steps", "1", "--sample_step", "0")
+    assert_one_line_error(result, f"cannot write {small_disk}/ckpt.pt", "disk is full")
+    assert not os.path.exists(os.path.join(small_disk, "ckpt.pt.tmp"))
+
+
+# ---------------------------------------------------------------- signals and processes
+
+
+def test_a_stop_signal_during_eval_stops_it(run, tmp_path):
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "main.py", *TINY, "--notrain", "--eval", "--logdir", run,
+                                    "--num_images", "100000", "--eval_batch_size", "10"],
+                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + 120
+        while "generating" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 128 + signal.SIGINT
+    assert "error: stopped by SIGINT" in log.read_text() and "Traceback" not in log.read_text()
+    assert not os.path.exists(os.path.join(run, "eval.txt"))
+
+
+def process_table():
+    """{pid: (parent pid, state)} from /proc."""
+    table = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(entry)] = (int(fields[1]), fields[0])
+    return table
+
+
+def descendants(pid):
+    table, found = process_table(), []
+    parents = [pid]
+    while parents:
+        children = [child for child, (parent, _) in table.items() if parent in parents]
+        found += children
+        parents = children
+    return found
+
+
+def alive(pids):
+    table = process_table()
+    return [pid for pid in pids if pid in table and table[pid][1] != "Z"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    logdir = tmp_path / "run"
+    # --log_step 100000: torch's spawn asks the kernel for a SIGINT when the parent dies, which
+    # the workers answer only at the next log step (they stop together there); so only
+    # die_with_parent's SIGKILL can end them within seconds
+    parent = subprocess.Popen([sys.executable, "main.py", *TINY, "--train", "--logdir", str(logdir),
+                               "--nprocs", "2", "--device", "cpu", "--total_steps", "100000",
+                               "--save_step", "0", "--sample_step", "0", "--log_step", "100000"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(logdir.glob("events.out.tfevents.*")) and time.time() < deadline:
+            time.sleep(0.2)  # rank 0 is about to train
+        workers = descendants(parent.pid)
+        assert len(workers) >= 2, workers
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.time() + 10
+    while alive(workers) and time.time() < deadline:
+        time.sleep(0.2)
+    left = alive(workers)
+    for pid in left:  # do not leave them to the next test
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "workers outlived their parent"
