@@ -255,7 +255,7 @@ def write_flagfile(logdir, dataset, values):
         setattr(main.FLAGS, name, value)
     path = os.path.join(logdir, "flagfile.txt")
     with open(path + ".tmp", "w") as file:
-        file.write(main.FLAGS.flags_into_string())
+        file.write(main.run_configuration())
     os.replace(path + ".tmp", path)
     return path
 

@@ -110,6 +110,8 @@ flags.DEFINE_string("inception_weights", None, "pt_inception-2015-12-05-6726825d
 flags.DEFINE_bool("fid_quantize", True, "round samples to 8 bits before scoring, as a saved PNG is")
 flags.DEFINE_string("eval_dir", None, "with --eval: score this folder of images (or .npz) instead of sampling")
 flags.DEFINE_string("save_samples", None, "with --eval: also write the samples to this folder (PNGs) or .npz")
+flags.DEFINE_bool("score", True, "with --eval: score the samples (--noscore: only draw them, for "
+                  "--save_samples; no Inception weights or statistics needed)")
 section("Looking inside (the EMA model of <logdir>/ckpt.pt)")
 flags.DEFINE_bool("bpd", False, "the variational bound in bits/dim on --bpd_split; writes bpd.json, bpd.png")
 flags.DEFINE_enum("bpd_split", "test", ["train", "test"], "dataset split for --bpd")
@@ -326,6 +328,20 @@ def check_resume_flags():
               f"{'; '.join(changed)}", file=sys.stderr)
 
 
+# What to do now, not what the run is: left out of flagfile.txt, so that --flagfile
+# <logdir>/flagfile.txt brings back the configuration and does only what the command says.
+ACTIONS = ("train", "eval", "resume", "score", "eval_dir", "save_samples", "bpd", "progressive_every",
+           "interp_t", "parallel")
+
+
+def run_configuration():
+    """The text of <logdir>/flagfile.txt: every flag of this file that has a value, but the
+    actions; absl's own flags left out too."""
+    own = FLAGS.get_flags_for_module(sys.modules[__name__])
+    return "".join(flag.serialize() + "\n" for flag in own
+                   if flag.name not in ACTIONS and flag.value is not None)
+
+
 def validate(world_size, device):
     """Every check that needs no data and no model: one line per problem, before any work."""
     inspecting = FLAGS.bpd or FLAGS.progressive_every > 0 or FLAGS.interp_t
@@ -384,6 +400,9 @@ def validate(world_size, device):
         raise ConfigError(f"--resume: there is no checkpoint {ckpt_path} to continue from")
     if FLAGS.resume:
         check_resume_flags()
+    if FLAGS.eval and not FLAGS.score and (FLAGS.eval_dir or not FLAGS.save_samples):
+        raise ConfigError("--noscore only draws samples to save them: pass --save_samples DIR|FILE.npz "
+                          "(and no --eval_dir, which is scored)")
     needs_model = (FLAGS.eval and not FLAGS.eval_dir) or inspecting
     if needs_model and not FLAGS.train and not os.path.exists(ckpt_path):
         raise ConfigError(f"there is no checkpoint {ckpt_path} to evaluate; train first or point "
@@ -462,7 +481,7 @@ def main(argv):
                       file=sys.stderr)
         if FLAGS.train and not FLAGS.resume and distributed.env_rank() == 0:
             # replaces a stale file (a run that died before its first checkpoint) in one rename
-            files.write_bytes(os.path.join(FLAGS.logdir, "flagfile.txt"), FLAGS.flags_into_string().encode())
+            files.write_bytes(os.path.join(FLAGS.logdir, "flagfile.txt"), run_configuration().encode())
         if launched or FLAGS.nprocs == 1:
             run(distributed.env_rank(), world_size, device)
         else:

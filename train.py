@@ -17,7 +17,6 @@ import torch
 from tensorboardX import SummaryWriter
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import checkpoint
@@ -25,18 +24,9 @@ import data
 import distributed
 import files
 import speed
-import tools
-from diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer
-from model import UNet
-
-# Independent random streams, each seeded by (seed, stream, step).
-DATA_ORDER, TIMESTEP_NOISE, X_T, SAMPLE_NOISE = range(4)
-
-
-def stream_seed(*key):
-    """A 63-bit seed for one (seed, stream, step) key: distinct keys give unrelated streams."""
-    return int(np.random.SeedSequence(list(key)).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
+from reports import grid
+from builders import DATA_ORDER, SAMPLE_NOISE, TIMESTEP_NOISE, X_T, build_model, build_sampler, stream_seed
+from diffusion import GaussianDiffusionTrainer
 
 class GlobalBatchSampler(Sampler):
     """This process's micro-batches of the global batches start, start + 1, ...
@@ -97,23 +87,6 @@ def global_batch_draws(seed, step, global_batch, img_shape, T, device):
     t = torch.randint(T, (global_batch,), generator=gen, device=device)
     noise = torch.randn((global_batch, *img_shape), generator=gen, device=device)
     return flip, t, noise
-
-
-def build_model(flags, layout=None):
-    """The UNet of the flags; layout: the checkpoint's, else --layout, else official."""
-    var_channels = 2 if flags.var_type == "learned" else 1
-    return UNet(T=flags.T, ch=flags.ch, ch_mult=flags.ch_mult, attn=flags.attn,
-                num_res_blocks=flags.num_res_blocks, dropout=flags.dropout,
-                in_ch=flags.img_channels, out_ch=var_channels * flags.img_channels,
-                img_size=flags.img_size, layout=layout or flags.layout or "official")
-
-
-def build_sampler(flags, net, full_chain=False):
-    """The sampler the flags ask for; full_chain: T-step ancestral (for bits/dim)."""
-    fast = {} if full_chain else dict(sampler=flags.sampler, sample_steps=flags.sample_steps or None,
-                                      eta=flags.eta, skip_type=flags.skip_type)
-    return GaussianDiffusionSampler(net, flags.beta_1, flags.beta_T, flags.T, flags.img_size,
-                                    flags.mean_type, flags.var_type, flags.clip_denoised, **fast)
 
 
 def warmup_lr(warmup):
@@ -225,11 +198,6 @@ class StopRequest:
     def close(self):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
-
-
-def grid(images):
-    """[-1, 1] images -> one square [0, 1] grid image, small images enlarged."""
-    return make_grid((tools.enlarge(images) + 1) / 2, nrow=int(np.ceil(np.sqrt(len(images)))), pad_value=1.0)
 
 
 def train(flags, device_type):
@@ -387,4 +355,8 @@ def train(flags, device_type):
         stop.close()
     if writer is not None:
         writer.close()
+    if is_main and not stopping:
+        grids = f", sample grids in {os.path.join(flags.logdir, 'sample')}/" if flags.sample_step > 0 else ""
+        print(f"wrote {ckpt_path} (step {flags.total_steps}){grids}; TensorBoard: "
+              f"tensorboard --logdir {flags.logdir}")
     return stopping

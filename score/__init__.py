@@ -6,9 +6,10 @@
 
 metrics.py: quantization, statistics, Frechet distance, Inception Score, gather.
 inception.py: the FID Inception network.  digits.py: the offline digits classifier.
-evaluate.py: the Evaluator and image I/O.  fid_cache.py: the statistics CLI.
+scorer.py: the Evaluator and image I/O.  fid_cache.py: the statistics CLI.
+download.py: fetch the Inception weights once.
 """
-from .evaluate import Evaluator, default_feature, load_images, save_images
+from .scorer import Evaluator, default_feature, load_images, save_images
 from .metrics import (ScoreError, frechet_distance, gather, inception_score, load_statistics,
                       quantize, save_statistics, statistics)
 

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from .evaluate import FEATURES, Evaluator, default_feature
+from .scorer import FEATURES, Evaluator, default_feature
 from .metrics import ScoreError, save_statistics, statistics
 from .digits import CLASSIFIER
 

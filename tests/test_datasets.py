@@ -277,7 +277,7 @@ def test_a_corrupt_database_entry_is_named_in_one_line(runs):
 
 def reference_statistics(images, size):
     """FID statistics of the official preparation of the images, with the digits features."""
-    from score.evaluate import Evaluator
+    from score.scorer import Evaluator
     from score.metrics import statistics
     evaluator = Evaluator("digits", None, "cpu", digits_classifier=DIGITS_CLASSIFIER)
     pixels = torch.stack([official_preparation(image, size) for image in images])

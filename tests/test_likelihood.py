@@ -18,7 +18,7 @@ from data import digits_array
 from diffusion import (GaussianDiffusionSampler, GaussianDiffusionTrainer,
                        discretized_gaussian_log_likelihood, normal_kl)
 from model import UNet
-from tools import bpd_sums, save_bpd
+from reports import bpd_sums, save_bpd
 
 GRID = -1.0 + 2.0 * np.arange(256) / 255.0  # the 8-bit levels on [-1, 1]
 

@@ -12,6 +12,7 @@ import torch
 
 import distributed
 
+pytestmark = pytest.mark.slow  # every test starts main.py (a few seconds each on 2 cores)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--flagfile", os.path.join(ROOT, "config", "digits.cfg"), "--ch", "32", "--ch_mult", "1",
         "--ch_mult", "2", "--attn", "1", "--num_res_blocks", "1", "--T", "20", "--batch_size", "16",

@@ -269,6 +269,7 @@ def test_an_official_pipeline_converts_and_computes_the_same_network(tmp_path):
         assert torch.equal(state["ema_model"][name], state["net_model"][name])
 
 
+@pytest.mark.slow
 def test_a_256_style_model_with_legacy_attention_names_in_a_bin_file_converts(tmp_path):
     unet = diffusers_unet(LSUN_STYLE, seed=1)
     folder = tmp_path / "ddpm-church-256"
@@ -291,6 +292,7 @@ def test_a_256_style_model_with_legacy_attention_names_in_a_bin_file_converts(tm
     assert_same_outputs(checkpoint.load_model(str(tmp_path / "run")), unet, size=64)
 
 
+@pytest.mark.slow
 def test_export_then_import_gives_identical_tensors_and_diffusers_loads_it(tmp_path):
     net = perturb(UNet(**dict(TINY, T=1000), layout="official"), seed=2)
     logdir = tmp_path / "trained"
@@ -343,6 +345,7 @@ def test_other_block_types_and_schedulers_are_refused_in_one_line(tmp_path):
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
+@pytest.mark.slow
 def test_training_records_the_layout_and_a_seed_layout_model_trains_from_scratch(tmp_path):
     from test_main import run_main
     for layout in ("official", "seed"):
@@ -359,6 +362,7 @@ def test_training_records_the_layout_and_a_seed_layout_model_trains_from_scratch
         assert norms == {model.GN_EPS[layout]}
 
 
+@pytest.mark.slow
 def test_a_converted_model_is_scored_by_main_from_its_flagfile(tmp_path):
     config = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
                   down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),

@@ -22,7 +22,7 @@ import files
 import main
 import train
 from score import Evaluator, ScoreError, load_images
-from score.evaluate import small_sample_warning
+from score.scorer import small_sample_warning
 from test_main import ROOT, TINY
 
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from diffusion import GaussianDiffusionSampler, sample_timesteps
-from tools import interpolate, progressive_samples, save_interpolation, save_progressive
+from reports import interpolate, progressive_samples, save_interpolation, save_progressive
 
 T, BETA_1, BETA_T = 40, 1e-3, 0.3
 SHAPE = (3, 1, 4, 4)

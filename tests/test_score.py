@@ -173,6 +173,7 @@ def random_weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_inception_pipeline_end_to_end(random_weights, tmp_path):
     """PNG folder -> fid_cache CLI -> .npz; the same folder -> Evaluator -> statistics, IS, FID."""
     folder, stats = str(tmp_path / "images"), str(tmp_path / "cache" / "stats.npz")
@@ -275,6 +276,7 @@ def rank_worker(rank, world_size, rendezvous, classifier, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(classifier, tmp_path):
     mp.spawn(rank_worker, args=(2, str(tmp_path / "rendezvous"), classifier, str(tmp_path)),
              nprocs=2)

@@ -1,8 +1,9 @@
-"""Looking inside a DDPM: progressive sampling, interpolation and the bound in bits/dim.
+"""Reports for people to look at: sample grids, progressive sampling, interpolation, and the
+bound in bits/dim with its plot.
 
-Every function takes a `GaussianDiffusionSampler` (diffusion.py) whose model is in eval mode.
-Images are tensors in [-1, 1]; files are 8-bit PNG/GIF written by PIL, a pixel x stored as
-round((x + 1) * 127.5).
+Every sampling function takes a `GaussianDiffusionSampler` (diffusion.py) whose model is in
+eval mode. Images are tensors in [-1, 1]; files are 8-bit PNG/GIF written by PIL, a pixel x
+stored as round((x + 1) * 127.5).
 """
 import json
 import math
@@ -21,6 +22,12 @@ def enlarge(images, min_size=32):
     if size >= min_size:
         return images
     return torch.nn.functional.interpolate(images, scale_factor=-(-min_size // size), mode="nearest")
+
+
+def grid(images):
+    """[-1, 1] images -> one square [0, 1] grid image (for save_png and TensorBoard), small
+    images enlarged."""
+    return make_grid((enlarge(images) + 1) / 2, nrow=math.ceil(math.sqrt(len(images))), pad_value=1.0)
 
 
 def to_pil(images, nrow):

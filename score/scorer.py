@@ -72,6 +72,7 @@ class Evaluator:
         self.quantize = quantize
         self.batch_size = batch_size
         weights = inception.find_weights(inception_weights) if feature == "inception" else None
+        self.weights_path = weights if feature == "inception" else digits_classifier
         self.reference = None
         if fid_cache is not None:
             self.reference = load_statistics(fid_cache, fid_cache_command(

@@ -1,0 +1,85 @@
+"""Peak memory of --eval: does it grow with the image size, or only with the number of samples?
+
+    python bench_eval.py                      # 64x64 and 256x256, 256 samples each
+    python bench_eval.py --sizes 64 --num_images 4096
+
+For each size, a random tiny UNet (5 levels, ch 32) is saved as a run in a temporary logdir,
+and `main.py --eval` draws --num_images samples with one DDIM step, scores them with the
+offline digits features (no download), and its peak resident memory (VmHWM) is read while it
+runs. Holding every sample, as an all-at-once evaluation does, would add the float32 images'
+size, printed beside it.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ARCHITECTURE = ["--ch", "32", "--ch_mult", "1", "--ch_mult", "1", "--ch_mult", "1", "--ch_mult", "1",
+                "--ch_mult", "1", "--attn", "4", "--num_res_blocks", "1", "--T", "10"]
+
+
+def make_run(logdir, size):
+    """A run folder with a random network of ARCHITECTURE at this image size."""
+    sys.path.insert(0, ROOT)
+    import checkpoint
+    import main
+    from builders import build_model
+    main.FLAGS.unparse_flags()  # a second size must not extend the first one's lists
+    main.FLAGS(["main.py", *ARCHITECTURE, "--img_size", str(size), "--img_channels", "3",
+                "--dataset", "folder", "--fid_cache", "", "--logdir", logdir])
+    net = build_model(main.FLAGS)
+    os.makedirs(logdir)
+    checkpoint.save(os.path.join(logdir, "ckpt.pt"), {"ema_model": net.state_dict(), "net_model": net.state_dict(),
+                                                      "step": 0, "layout": "official"})
+    with open(os.path.join(logdir, "flagfile.txt"), "w") as file:
+        file.write(main.run_configuration())
+
+
+def peak_memory(command):
+    """(peak resident memory in bytes, seconds) of a command, read from /proc while it runs."""
+    started = time.time()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while process.poll() is None:
+        try:
+            with open(f"/proc/{process.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        time.sleep(0.05)
+    if process.returncode:
+        sys.exit(f"error: {' '.join(command)} failed: {process.stderr.read().decode()[-500:]}")
+    return peak, time.time() - started
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--num_images", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    print(f"# bench_eval.py on CPU x{os.cpu_count()}, torch {torch.__version__}, {args.num_images} samples, "
+          f"batch {args.batch}, digits features\n")
+    print("| image size | peak memory of --eval | time | the samples as float32, if all were held |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        for size in args.sizes:
+            logdir = os.path.join(folder, f"run{size}")
+            make_run(logdir, size)
+            peak, seconds = peak_memory([
+                sys.executable, "main.py", "--flagfile", os.path.join(logdir, "flagfile.txt"), "--eval",
+                "--num_images", str(args.num_images), "--eval_batch_size", str(args.batch),
+                "--sampler", "ddim", "--sample_steps", "1", "--fid_feature", "digits", "--device", "cpu"])
+            held = args.num_images * 3 * size * size * 4
+            print(f"| {size}x{size} | {peak / 2 ** 20:,.0f} MiB | {seconds:.0f} s | {held / 2 ** 20:,.0f} MiB |")
+
+
+if __name__ == "__main__":
+    main()
