@@ -1,13 +1,14 @@
-"""Peak memory of --eval: does it grow with the image size, or only with the number of samples?
+"""Peak memory of --eval: does it grow with the number of samples times the image size?
 
-    python bench_eval.py                      # 64x64 and 256x256, 256 samples each
-    python bench_eval.py --sizes 64 --num_images 4096
+    python bench_eval.py                      # 64x64 and 256x256, 64 and 256 samples each
+    python bench_eval.py --sizes 64 --num_images 1024 4096
 
 For each size, a random tiny UNet (5 levels, ch 32) is saved as a run in a temporary logdir,
-and `main.py --eval` draws --num_images samples with one DDIM step, scores them with the
-offline digits features (no download), and its peak resident memory (VmHWM) is read while it
-runs. Holding every sample, as an all-at-once evaluation does, would add the float32 images'
-size, printed beside it.
+and `main.py --eval` draws each --num_images count of samples with one DDIM step, scores them
+with the offline digits features (no download), and its peak resident memory (VmHWM) is read
+while it runs. A streamed evaluation's peak is set by one batch (--batch) and the features,
+so it should not grow with the count; holding every sample, as an all-at-once evaluation
+does, would add the float32 images' size, printed beside it.
 """
 import argparse
 import os
@@ -62,23 +63,25 @@ def peak_memory(command):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--num_images", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--num_images", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
-    print(f"# bench_eval.py on CPU x{os.cpu_count()}, torch {torch.__version__}, {args.num_images} samples, "
-          f"batch {args.batch}, digits features\n")
-    print("| image size | peak memory of --eval | time | the samples as float32, if all were held |")
-    print("|---|---|---|---|")
+    print(f"# bench_eval.py on CPU x{os.cpu_count()}, torch {torch.__version__}, batch {args.batch}, "
+          "digits features\n")
+    print("| image size | samples | peak memory of --eval | time | the samples as float32, if all were held |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
             logdir = os.path.join(folder, f"run{size}")
             make_run(logdir, size)
-            peak, seconds = peak_memory([
-                sys.executable, "main.py", "--flagfile", os.path.join(logdir, "flagfile.txt"), "--eval",
-                "--num_images", str(args.num_images), "--eval_batch_size", str(args.batch),
-                "--sampler", "ddim", "--sample_steps", "1", "--fid_feature", "digits", "--device", "cpu"])
-            held = args.num_images * 3 * size * size * 4
-            print(f"| {size}x{size} | {peak / 2 ** 20:,.0f} MiB | {seconds:.0f} s | {held / 2 ** 20:,.0f} MiB |")
+            for count in args.num_images:
+                peak, seconds = peak_memory([
+                    sys.executable, "main.py", "--flagfile", os.path.join(logdir, "flagfile.txt"), "--eval",
+                    "--num_images", str(count), "--eval_batch_size", str(args.batch), "--sampler", "ddim",
+                    "--sample_steps", "1", "--fid_feature", "digits", "--device", "cpu"])
+                held = count * 3 * size * size * 4
+                print(f"| {size}x{size} | {count:,} | {peak / 2 ** 20:,.0f} MiB | {seconds:.0f} s | "
+                      f"{held / 2 ** 20:,.0f} MiB |", flush=True)
 
 
 if __name__ == "__main__":

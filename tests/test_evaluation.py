@@ -139,3 +139,19 @@ def test_the_saved_flagfile_holds_the_configuration_not_the_actions(trained):
     assert result.returncode == 0, result.stderr[-2000:]
     after = open(os.path.join(trained, "eval.txt")).read() if os.path.exists(os.path.join(trained, "eval.txt")) else ""
     assert after == before  # only the progressive run: no evaluation, no training
+
+
+def test_an_inception_fid_below_50000_samples_is_recorded_as_not_comparable():
+    import types
+    import evaluate
+    flags = types.SimpleNamespace(sampler="ddim", eta=0.0, skip_type="quadratic", clip_denoised=True,
+                                  fid_cache="stats.npz", fid_quantize=True, seed=3)
+    sampler = types.SimpleNamespace(timesteps=list(range(0, 1000, 20)))
+    evaluator = types.SimpleNamespace(feature="inception", weights_sha256="a" * 12, statistics_sha256="b" * 12)
+    record = evaluate.protocol_record(flags, sampler, evaluator, 10_000, 7, "c" * 12, time.time())
+    assert record["steps"] == 50 and record["statistics_sha256"] == "b" * 12
+    assert "not comparable with published FIDs" in record["comparable"]
+    assert "not comparable" in evaluate.describe(record)
+    assert "comparable" not in evaluate.protocol_record(flags, sampler, evaluator, 50_000, 7, "c" * 12, time.time())
+    evaluator.feature = "digits"
+    assert "comparable" not in evaluate.protocol_record(flags, sampler, evaluator, 100, 7, "c" * 12, time.time())
