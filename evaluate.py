@@ -162,8 +162,11 @@ def protocol_record(flags, sampler, evaluator, num_samples, step, ckpt_sha256, s
 
 def describe(record):
     """One line of a protocol record."""
-    statistics = (f"statistics {record['statistics']} ({record['statistics_sha256']})"
+    statistics = (f"statistics {record['statistics']} ({record.get('statistics_sha256')})"
                   if record["statistics"] else "statistics of the training data computed here")
+    if "images" in record:  # --eval_dir: images scored as they are, no model or sampler
+        return (f"{record['num_samples']:,} images of {record['images']}; {record['feature_network']} "
+                f"features, {statistics}, {'8-bit' if record['quantize'] else 'float'} images")
     text = (f"{record['num_samples']:,} samples of the EMA model at step {record['checkpoint_step']} "
             f"(ckpt {record['checkpoint_sha256']}); {record['sampler']} sampler, {record['steps']} steps, "
             f"eta {record['eta']}, {record['skip_type']} skips, "

@@ -54,6 +54,7 @@ def last_record(logdir):
         return json.loads(file.read().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_streamed_scores_equal_the_all_at_once_path_and_record_their_protocol(trained):
     result = run_main("--logdir", trained, *EVAL)
     record = last_record(trained)
@@ -83,6 +84,7 @@ def copy_run(trained, logdir):
     return logdir
 
 
+@pytest.mark.slow
 def test_an_eval_killed_mid_way_resumes_to_identical_scores(trained, tmp_path):
     uninterrupted = copy_run(trained, str(tmp_path / "uninterrupted"))
     run_main("--logdir", uninterrupted, "--notrain", "--eval", "--num_images", str(NUM_IMAGES),
@@ -109,6 +111,7 @@ def test_an_eval_killed_mid_way_resumes_to_identical_scores(trained, tmp_path):
         assert record[name] == expected[name], name  # bit for bit
 
 
+@pytest.mark.slow
 def test_sampling_only_needs_no_inception_weights_and_draws_the_scored_samples(trained, tmp_path):
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "empty_torch_home"))  # no weights anywhere
     out = str(tmp_path / "samples.npz")
@@ -125,6 +128,7 @@ def test_sampling_only_needs_no_inception_weights_and_draws_the_scored_samples(t
     assert refused.returncode != 0 and "--noscore only draws samples" in refused.stderr
 
 
+@pytest.mark.slow
 def test_the_saved_flagfile_holds_the_configuration_not_the_actions(trained):
     with open(os.path.join(trained, "flagfile.txt")) as file:
         lines = file.read().splitlines()
