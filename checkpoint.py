@@ -124,19 +124,25 @@ def layout_of(state, path, override=None):
     return "seed"
 
 
-def read_flagfile(path):
-    """{flag: [values]} of a flagfile's lines: --name=value, and booleans --name ("true") and
-    --noname ("false"), as absl writes them."""
+def parse_flags_text(text, known=()):
+    """{flag: [values]} of flagfile lines: --name=value, and booleans --name ("true") and
+    --noname ("false"), as absl writes them; a bare --noX whose whole name is in `known` is
+    the flag noX itself."""
     values = {}
-    with open(path) as file:
-        for line in file:
-            if not line.startswith("--"):
-                continue
-            name, sep, value = line.strip()[2:].partition("=")
-            if not sep:
-                name, value = (name[2:], "false") if name.startswith("no") else (name, "true")
-            values.setdefault(name, []).append(value)
+    for line in text.splitlines():
+        if not line.startswith("--"):
+            continue
+        name, sep, value = line.strip()[2:].partition("=")
+        if not sep:
+            negated = name.startswith("no") and name not in known
+            name, value = (name[2:], "false") if negated else (name, "true")
+        values.setdefault(name, []).append(value)
     return values
+
+
+def read_flagfile(path):
+    with open(path) as file:
+        return parse_flags_text(file.read())
 
 
 def architecture_from_flagfile(path):

@@ -279,18 +279,8 @@ def check_ranges():
 
 
 def flag_values(text):
-    """{name: value} of flagfile lines ("--name=v", "--name", "--noname"); the values of a
-    flag given on several lines (a list) are joined with commas."""
-    values = {}
-    for line in text.splitlines():
-        if not line.startswith("--"):
-            continue
-        name, sep, value = line[2:].partition("=")
-        if not sep:  # a boolean: --name or --noname
-            negated = name not in FLAGS and name.startswith("no")
-            name, value = (name[2:], "false") if negated else (name, "true")
-        values[name] = f"{values[name]},{value}" if name in values else value
-    return values
+    """{name: value} of flagfile lines; a list flag's values joined with commas."""
+    return {name: ",".join(values) for name, values in checkpoint.parse_flags_text(text, FLAGS).items()}
 
 
 def compare_with_saved_flags(path):

@@ -75,8 +75,7 @@ def loader_batches(dataset, batch_sampler, flags, device):
         for x, y in loader:
             yield x.to(device, non_blocking=True), y
     except data.DatasetError as error:
-        # a loader worker's error arrives with the worker's traceback in its message
-        raise data.DatasetError(str(error).strip().splitlines()[-1].split("DatasetError: ")[-1]) from None
+        raise data.worker_error(error) from None
 
 
 def global_batch_draws(seed, step, global_batch, img_shape, T, device):
