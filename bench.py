@@ -17,7 +17,7 @@ import scipy.linalg
 import torch
 
 import speed
-from diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer
+from diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer, beta_schedule
 from model import UNet
 from score import frechet_distance
 from score.inception import fid_inception_v3
@@ -76,7 +76,7 @@ def train_speed(size, path, batch, device, steps):
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = speed.adam(net.parameters(), 2e-4, fast)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lr(0))
-    trainer = GaussianDiffusionTrainer(speed.fast(net, fast), 1e-4, 0.02, 1000).to(device)
+    trainer = GaussianDiffusionTrainer(speed.fast(net, fast), beta_schedule("linear", 1e-4, 0.02, 1000)).to(device)
     hyper = types.SimpleNamespace(grad_clip=1.0, ema_decay=0.9999)
     x_0 = torch.rand(batch, 3, size["img"], size["img"], device=device) * 2 - 1
 
@@ -94,10 +94,12 @@ def sample_speed(size, path, device, steps):
     """Image-steps per second of the ancestral sampler (one model call per image-step)."""
     fast = speed.settings(types.SimpleNamespace(**path), device.type)
     net = speed.to_layout(unet(size).to(device).eval(), fast)
-    sampler = GaussianDiffusionSampler(speed.fast(net, fast), 1e-4, 0.02, 1000).to(device)
+    model = speed.fast(net, fast)
+    sampler = GaussianDiffusionSampler(beta_schedule("linear", 1e-4, 0.02, 1000)).to(device)
     x_t = torch.randn(size["sample_batch"], 3, size["img"], size["img"], device=device)
     reset_memory(device)
-    seconds = timed(lambda: sampler.p_sample(x_t, 500), steps, warmup=3 if fast.compile else 1,
+    # one step of the chain: x_t at t = 500 to t = 499
+    seconds = timed(lambda: next(sampler.chain(model, x_t, 500)), steps, warmup=3 if fast.compile else 1,
                     device=device)
     return size["sample_batch"] / seconds, peak_memory_gib(device)
 

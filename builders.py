@@ -1,37 +1,35 @@
-"""What training and evaluation both build from the flags: the UNet, the sampler, and the
-seeds of the random streams.
-
-Every random draw comes from a generator seeded by (--seed, stream, index...), so that a run
-is the same on 1 or N processes, resumes exactly, and an evaluation can restart at any batch.
+"""The one place that turns configurations (config.py) into the objects they describe: the
+UNet, the diffusion with its loss, and the sampler. Imports the model and the math, never
+the configuration module, so that the configuration can use these to check itself.
 """
-import numpy as np
-
-from diffusion import GaussianDiffusionSampler
+from diffusion import GaussianDiffusion, GaussianDiffusionSampler, GaussianDiffusionTrainer
 from model import UNet
 
-# The independent random streams: training data order, per-step flips/timesteps/noise, the
-# fixed x_T of the training-time grids and their sampling noise, evaluation batches,
-# bits/dim batches, progressive and interpolation runs.
-DATA_ORDER, TIMESTEP_NOISE, X_T, SAMPLE_NOISE, EVAL_NOISE, BPD_NOISE, INSPECT_NOISE = range(7)
+
+def build_model(model, diffusion, layout=None):
+    """The UNet of a ModelConfig (and the DiffusionConfig's T and variance: a learned variance
+    doubles the output channels); layout: the checkpoint's, else the configuration's, else
+    official."""
+    var_channels = 2 if diffusion.var_type == "learned" else 1
+    return UNet(T=diffusion.T, ch=model.ch, ch_mult=model.ch_mult, attn=model.attn,
+                num_res_blocks=model.num_res_blocks, dropout=model.dropout,
+                in_ch=model.img_channels, out_ch=var_channels * model.img_channels,
+                img_size=model.img_size, layout=layout or model.layout or "official")
 
 
-def stream_seed(*key):
-    """A 63-bit seed for one (seed, stream, index...) key: distinct keys give unrelated streams."""
-    return int(np.random.SeedSequence(list(key)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+def build_diffusion(diffusion):
+    """q(x_t | x_0) and every coefficient of the DiffusionConfig's schedule (for bits/dim)."""
+    return GaussianDiffusion(diffusion.betas())
 
 
-def build_model(flags, layout=None):
-    """The UNet of the flags; layout: the checkpoint's, else --layout, else official."""
-    var_channels = 2 if flags.var_type == "learned" else 1
-    return UNet(T=flags.T, ch=flags.ch, ch_mult=flags.ch_mult, attn=flags.attn,
-                num_res_blocks=flags.num_res_blocks, dropout=flags.dropout,
-                in_ch=flags.img_channels, out_ch=var_channels * flags.img_channels,
-                img_size=flags.img_size, layout=layout or flags.layout or "official")
+def build_trainer(net, diffusion):
+    """The training loss of the DiffusionConfig, for the network net."""
+    return GaussianDiffusionTrainer(net, diffusion.betas(), diffusion.mean_type, diffusion.loss_type,
+                                    diffusion.var_type)
 
 
-def build_sampler(flags, net, full_chain=False):
-    """The sampler the flags ask for; full_chain: T-step ancestral (for bits/dim)."""
-    fast = {} if full_chain else dict(sampler=flags.sampler, sample_steps=flags.sample_steps or None,
-                                      eta=flags.eta, skip_type=flags.skip_type)
-    return GaussianDiffusionSampler(net, flags.beta_1, flags.beta_T, flags.T, flags.img_size,
-                                    flags.mean_type, flags.var_type, flags.clip_denoised, **fast)
+def build_sampler(sampling, diffusion):
+    """The sampler of a SamplingConfig on the DiffusionConfig's chain; call it with the network."""
+    return GaussianDiffusionSampler(diffusion.betas(), diffusion.mean_type, diffusion.var_type,
+                                    sampling.clip_denoised, sampling.sampler, sampling.sample_steps or None,
+                                    sampling.eta, sampling.skip_type)

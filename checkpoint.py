@@ -2,7 +2,7 @@
 
 ckpt.pt is a dict with the seed port's keys (net_model, ema_model, sched, optim, step, x_T)
 plus rng (every process's RNG states), world_size, layout (which network the weights are
-for: "official" or "seed", see model.py) and format_version. A checkpoint with no layout
+for: "official" or "port", see model.py) and format_version. A checkpoint with no layout
 record comes from the earlier PyTorch port, or from this project before layouts were
 recorded (those have an rng entry, and the official layout).
 
@@ -15,13 +15,16 @@ import sys
 import numpy as np
 import torch
 
+import builders
+import config
 import files
 import model
+from errors import UserError
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable or does not fit the flags."""
 
 
@@ -107,65 +110,55 @@ def load_weights(module, state_dict, path):
 
 
 def layout_of(state, path, override=None):
-    """The layout of a loaded checkpoint's networks: override if given, else its record."""
+    """The layout of a loaded checkpoint's networks: override if given, else its record
+    (an old name replaced by today's: "seed" is "port")."""
     if override is not None:
-        model.check_layout(override)
-        return override
+        return model.check_layout(override)
     if "layout" in state:
-        if state["layout"] not in model.LAYOUTS:
+        try:
+            return model.check_layout(state["layout"])
+        except ValueError:
             raise CheckpointError(f"checkpoint {path} records layout {state['layout']!r}, which this "
-                                  f"version does not know ({', '.join(model.LAYOUTS)})")
-        return state["layout"]
+                                  f"version does not know ({', '.join(model.LAYOUTS)})") from None
     if "rng" in state:  # written by this project before it recorded layouts
         return "official"
     if os.environ.get("RANK", "0") == "0":
         print(f"note: {path} records no layout, so it is the earlier PyTorch port's: loading it "
-              "with --layout seed (pass --layout to choose)", file=sys.stderr)
-    return "seed"
+              "with --layout port (pass --layout to choose)", file=sys.stderr)
+    return "port"
 
 
-def parse_flags_text(text, known=()):
-    """{flag: [values]} of flagfile lines: --name=value, and booleans --name ("true") and
-    --noname ("false"), as absl writes them; a bare --noX whose whole name is in `known` is
-    the flag noX itself."""
-    values = {}
-    for line in text.splitlines():
-        if not line.startswith("--"):
-            continue
-        name, sep, value = line.strip()[2:].partition("=")
-        if not sep:
-            negated = name.startswith("no") and name not in known
-            name, value = (name[2:], "false") if negated else (name, "true")
-        values.setdefault(name, []).append(value)
-    return values
-
-
-def read_flagfile(path):
-    with open(path) as file:
-        return parse_flags_text(file.read())
-
-
-def architecture_from_flagfile(path):
-    """UNet arguments from a run's flagfile.txt (None if it has none, or lacks a flag)."""
-    if not os.path.exists(path):
+def config_beside(path):
+    """The Config of the flagfile.txt beside a checkpoint, or None where there is none or it
+    does not name the network's shape (then the weights' shapes tell it)."""
+    flagfile = os.path.join(os.path.dirname(path), "flagfile.txt")
+    if not os.path.exists(flagfile):
         return None
-    saved = read_flagfile(path)
+    text = files.read_text(flagfile)
+    if not {"T", "ch", "ch_mult", "num_res_blocks"} <= set(config.parse_flags_text(text)):
+        return None
+    return config.Config.from_flagfile_text(text)
+
+
+def config_from_weights(weights, path):
+    """The Config whose network has exactly these weights' names and shapes (dropout 0)."""
     try:
-        channels = int(saved.get("img_channels", ["3"])[-1])
-        learned = saved.get("var_type", ["fixedlarge"])[-1] == "learned"
-        return dict(T=int(saved["T"][-1]), ch=int(saved["ch"][-1]),
-                    ch_mult=[int(m) for m in saved["ch_mult"]], attn=[int(a) for a in saved.get("attn", [])],
-                    num_res_blocks=int(saved["num_res_blocks"][-1]), dropout=float(saved["dropout"][-1]),
-                    in_ch=channels, out_ch=channels * (2 if learned else 1))
-    except (KeyError, ValueError):
-        return None
+        found = model.architecture_from_state_dict(weights)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path}: {error}") from None
+    learned = found["out_ch"] == 2 * found["in_ch"]
+    return config.Config.make(T=found["T"], ch=found["ch"], ch_mult=found["ch_mult"], attn=found["attn"],
+                              num_res_blocks=found["num_res_blocks"], dropout=0.0,
+                              img_size=2 ** (len(found["ch_mult"]) - 1), img_channels=found["in_ch"],
+                              var_type="learned" if learned else "fixedlarge",
+                              loss_type="kl" if learned else "mse")
 
 
 def load_model(path, ema=True, device="cpu", layout=None):
     """The network of a checkpoint, in eval mode, ready for net(x, t).
 
     path: a ckpt.pt, or the logdir holding it. ema: the EMA weights (else the raw network's).
-    layout: None reads it from the checkpoint ("seed" when it has no record), or force one.
+    layout: None reads it from the checkpoint ("port" when it has no record), or force one.
     The architecture comes from the flagfile.txt beside the checkpoint, or else from the
     shapes of the weights.
     """
@@ -173,15 +166,10 @@ def load_model(path, ema=True, device="cpu", layout=None):
         path = os.path.join(path, "ckpt.pt")
     state = load(path)
     key = "ema_model" if ema else "net_model"
-    if not isinstance(state, dict) or key not in state:
+    if key not in state:
         raise CheckpointError(f"checkpoint {path} has no {key} weights")
     weights = state[key]
-    architecture = architecture_from_flagfile(os.path.join(os.path.dirname(path), "flagfile.txt"))
-    if architecture is None:
-        try:
-            architecture = dict(model.architecture_from_state_dict(weights), dropout=0.0)
-        except ValueError as error:
-            raise CheckpointError(f"checkpoint {path}: {error}") from None
-    net = model.UNet(**architecture, layout=layout_of(state, path, layout))
+    found = config_beside(path) or config_from_weights(weights, path)
+    net = builders.build_model(found.model, found.diffusion, layout=layout_of(state, path, layout))
     load_weights(net, weights, path)
     return net.to(device).eval()

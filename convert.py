@@ -26,6 +26,7 @@ import torch
 
 import checkpoint
 import model
+from errors import UserError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The configuration each official model was trained with (Ho et al. 2020, Appendix B).
@@ -54,7 +55,7 @@ LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj
 EMBEDDING_TABLE = "time_embedding.timembedding.0.weight"  # computed here, on the fly there
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A source, configuration or destination that cannot be converted; one line says why."""
 
 

@@ -12,6 +12,7 @@ from torchvision import datasets, transforms
 from tqdm import tqdm
 
 import distributed
+from errors import UserError
 
 # name -> (default random horizontal flip, image channels, native size or None)
 DATASETS = {
@@ -28,7 +29,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DIGITS_HELD_OUT = 297  # 1797 digits: 1500 to train on, 297 held out for scoring
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset that is missing or malformed; the message says what to do."""
 
 

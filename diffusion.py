@@ -1,7 +1,7 @@
 """Gaussian diffusion of Ho et al. 2020 ("DDPM"), following the official diffusion_utils_2.py.
 
 Notation (t is 0-based, t = 0..T-1):
-    beta_t                      linear schedule from beta_1 to beta_T
+    beta_t                      the noise schedule (`beta_schedule`)
     alpha_t = 1 - beta_t,       abar_t = prod_{s<=t} alpha_s,      abar_{-1} = 1
     q(x_t | x_0)       = N(sqrt(abar_t) x_0, (1 - abar_t) I)                         (eq. 4)
     q(x_{t-1} | x_t, x_0) = N(c1_t x_0 + c2_t x_t, betatilde_t I)                    (eq. 6, 7)
@@ -13,25 +13,81 @@ Notation (t is 0-based, t = 0..T-1):
 Every coefficient is computed once, in float64, by `GaussianDiffusion`; per-step values are
 cast to the working dtype only where they are applied (`extract`). The variational-bound
 terms are evaluated in float64 throughout.
+
+Sampling is one loop, `GaussianDiffusionSampler.chain`, which calls the network it is given
+and hands each output to a step object (`SamplerStep`) that makes x at the previous kept
+timestep; `STEPS` maps the --sampler names to what builds those objects.
 """
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 MEAN_TYPES = ("xprev", "xstart", "epsilon")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned")
 LOSS_TYPES = ("mse", "kl")
-SAMPLERS = ("ddpm", "ddim")
 SKIP_TYPES = ("uniform", "quadratic")
+BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
+WARMUP_FRACTIONS = {"warmup10": 0.1, "warmup50": 0.5}
+# s of Nichol & Dhariwal eq. 17: beta_0 not much smaller than the pixel bin (sec. 3.2)
+COSINE_OFFSET = 0.008
 
 
 def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(choices)}")
+
+
+def cosine_betas(T):
+    """The cosine schedule (Nichol & Dhariwal 2021, eq. 17), float64, shape (T,):
+        abar(t) = f(t) / f(0),  f(t) = cos(((t / T + s) / (1 + s)) pi / 2)^2,
+        beta_t = min(1 - abar(t + 1) / abar(t), 0.999),  t = 0..T-1,
+    the paper's 1-based step t + 1 being this file's t. abar(T) is ~0, so the cap keeps the last
+    steps from beta = 1, where x_t would hold nothing of x_0 (sec. 3.2).
+    """
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + COSINE_OFFSET)
+                  / (1.0 + COSINE_OFFSET) * (math.pi / 2)) ** 2
+    alphas_bar = f / f[0]
+    return (1.0 - alphas_bar[1:] / alphas_bar[:-1]).clamp(max=0.999)
+
+
+def beta_schedule(name, beta_1, beta_T, T):
+    """beta_t for t = 0..T-1, float64, shape (T,), by the names of the official get_beta_schedule.
+
+    linear:              linspace(beta_1, beta_T, T) (Ho et al.)
+    quad:                linspace(sqrt(beta_1), sqrt(beta_T), T)^2
+    const:               beta_T at every step
+    jsd:                 1 / linspace(T, 1, T) = 1/T, 1/(T-1), ..., 1: the last step keeps no x_0
+    warmup10, warmup50:  beta_T, but for the first int(0.1 T) (int(0.5 T)) steps, which rise
+                         as linspace(beta_1, beta_T) over those steps
+    cosine:              `cosine_betas`
+    jsd and cosine take no beta_1, beta_T. Bad arguments raise a one-line ValueError in the
+    command line's terms.
+    """
+    check_choice("--beta_schedule", name, BETA_SCHEDULES)
+    if T < 1:
+        raise ValueError(f"--T must be at least 1 diffusion step, got {T}")
+    if name == "cosine":
+        return cosine_betas(T)
+    if name == "jsd":
+        return 1.0 / torch.linspace(T, 1, T, dtype=torch.float64)
+    if name == "const":
+        if not 0 < beta_T < 1:
+            raise ValueError(f"need 0 < --beta_T < 1, got {beta_T}")
+        return torch.full((T,), beta_T, dtype=torch.float64)
+    if not 0 < beta_1 <= beta_T < 1:
+        raise ValueError(f"need 0 < --beta_1 <= --beta_T < 1, got {beta_1} and {beta_T}")
+    if name == "linear":
+        return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+    if name == "quad":
+        return torch.linspace(beta_1 ** 0.5, beta_T ** 0.5, T, dtype=torch.float64) ** 2
+    betas = torch.full((T,), beta_T, dtype=torch.float64)
+    warmup = int(T * WARMUP_FRACTIONS[name])
+    betas[:warmup] = torch.linspace(beta_1, beta_T, warmup, dtype=torch.float64)
+    return betas
 
 
 def extract(coef, t, x):
@@ -104,16 +160,18 @@ def sample_timesteps(T, steps, skip_type):
 class GaussianDiffusion(nn.Module):
     """The noise schedule and every derived coefficient, as float64 buffers.
 
-    With `timesteps` (ascending t_0 < ... < t_{S-1}) the chain is respaced to those steps of the
-    linear schedule (Nichol & Dhariwal 2021, sec. 4): abar_{t_i} is kept and
+    betas: beta_t for t = 0..T-1 (`beta_schedule`), taken in float64. With `timesteps`
+    (ascending t_0 < ... < t_{S-1}) the chain is respaced to those steps of that schedule
+    (Nichol & Dhariwal 2021, sec. 4): abar_{t_i} is kept and
     beta_i = 1 - abar_{t_i} / abar_{t_{i-1}}, abar_{t_{-1}} = 1; its steps are indexed by i.
     """
 
-    def __init__(self, beta_1, beta_T, T, timesteps=None):
+    def __init__(self, betas, timesteps=None):
         super().__init__()
-        if not 0 < beta_1 <= beta_T < 1:
-            raise ValueError(f"need 0 < beta_1 <= beta_T < 1, got beta_1={beta_1}, beta_T={beta_T}")
-        betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        # the official assertion: every step adds noise, none more than all of it
+        if betas.dim() != 1 or len(betas) == 0 or not ((betas > 0) & (betas <= 1)).all():
+            raise ValueError("betas must be a non-empty 1-D schedule with 0 < beta_t <= 1")
         if timesteps is not None:
             kept = torch.cumprod(1.0 - betas, dim=0)[timesteps]
             betas = 1.0 - kept / torch.cat([kept.new_ones(1), kept[:-1]])
@@ -231,9 +289,8 @@ class GaussianDiffusionTrainer(GaussianDiffusion):
     mean over elements equals the mean of the per-example means.
     """
 
-    def __init__(self, model, beta_1, beta_T, T, mean_type="epsilon", loss_type="mse",
-                 var_type="fixedlarge"):
-        super().__init__(beta_1, beta_T, T)
+    def __init__(self, model, betas, mean_type="epsilon", loss_type="mse", var_type="fixedlarge"):
+        super().__init__(betas)
         check_choice("mean_type", mean_type, MEAN_TYPES)
         check_choice("loss_type", loss_type, LOSS_TYPES)
         check_choice("var_type", var_type, VAR_TYPES)
@@ -265,151 +322,199 @@ class GaussianDiffusionTrainer(GaussianDiffusion):
         return F.mse_loss(output, target, reduction="none")
 
 
-class GaussianDiffusionSampler(GaussianDiffusion):
-    """p_theta: sampling x_T -> x_0, and the variational bound in bits/dim.
+class SamplerStep(nn.Module):
+    """One update of a sampler: from the i-th kept timestep t_i to the one before it (to x_0
+    at i = 0), given the network's output at (x_t, t_i).
 
-    sampler "ddpm" with sample_steps = T (the default) is Algorithm 2. With fewer steps it is
-    ancestral sampling on the chain respaced to the kept timesteps (`sample_timesteps` with
-    skip_type), the model still called with the original timestep. sampler "ddim" is the DDIM
-    update (Song et al. 2021, eq. 12) on the kept timesteps with noise scale eta in [0, 1]
-    (0: deterministic). `timesteps` lists the kept timesteps, ascending. A learned variance is
-    the variance of one original step, so it cannot serve a strided ancestral chain; DDIM uses
-    only the mean half of such a model's output. sample_steps=None means T.
+    `forward(output, x_t, i, generator)` returns (x at the previous kept timestep, x0_hat); the
+    sampling loop calls it for i descending and calls `reset` at the start of every chain, so
+    a step may keep state between the steps of one chain (a multistep solver's earlier
+    x0_hat). Noise is drawn from `generator`, in the working dtype of x_t.
     """
 
-    def __init__(self, model, beta_1, beta_T, T, img_size=32, mean_type="epsilon",
-                 var_type="fixedlarge", clip_denoised=True, sampler="ddpm", sample_steps=None,
-                 eta=0.0, skip_type="uniform"):
-        super().__init__(beta_1, beta_T, T)
-        check_choice("mean_type", mean_type, MEAN_TYPES)
-        check_choice("var_type", var_type, VAR_TYPES)
-        check_choice("sampler", sampler, SAMPLERS)
-        check_choice("skip_type", skip_type, SKIP_TYPES)
-        sample_steps = T if sample_steps is None else sample_steps
-        if not 1 <= sample_steps <= T:
-            raise ValueError(f"sample_steps must be in 1..T = 1..{T}, got {sample_steps}")
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
-        if sampler == "ddpm" and eta != 0.0:
-            raise ValueError("eta is the noise scale of sampler 'ddim'; sampler 'ddpm' takes none")
-        self.model = model
-        self.img_size = img_size
+    def __init__(self, betas, timesteps, mean_type, var_type, clip_denoised):
+        super().__init__()
+        self.diffusion = GaussianDiffusion(betas)
+        self.timesteps = timesteps
         self.mean_type = mean_type
         self.var_type = var_type
         self.clip_denoised = clip_denoised
-        self.sampler = sampler
-        self.eta = eta
-        self.timesteps = sample_timesteps(T, sample_steps, skip_type)
-        strided = len(self.timesteps) < T
-        if sampler == "ddpm" and strided and var_type == "learned":
-            raise ValueError("a learned variance is that of one original step: sample it with "
-                             "sample_steps = T or sampler 'ddim'")
-        if sampler == "ddpm" and len(self.timesteps) < 2:
-            raise ValueError("sampler 'ddpm' needs at least 2 timesteps (sample_steps >= 2)")
-        self.respaced = (GaussianDiffusion(beta_1, beta_T, T, self.timesteps)
-                         if sampler == "ddpm" and strided else None)
-        if sampler == "ddim":
-            self.register_ddim_coefficients()
 
-    def register_ddim_coefficients(self):
-        """Per kept step i, from t = t_i to s = t_{i-1} (abar_s = 1 after the last step):
-            x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma_i^2) eps_hat + sigma_i z,
-            sigma_i = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s).
-        """
-        alphas_bar = self.alphas_bar[self.timesteps]
+    def reset(self):
+        """The start of a new chain: forget what earlier steps left. These steps keep nothing."""
+
+    def original_t(self, i, x_t):
+        """t_i for every example of x_t: the timestep the network was called with."""
+        return torch.full((x_t.shape[0],), self.timesteps[i], dtype=torch.long, device=x_t.device)
+
+    def add_noise(self, mean, std, i, generator):
+        """mean + std z, z ~ N(0, I); the last step (i = 0) and std None (deterministic) add none."""
+        if i == 0 or std is None:
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + std * noise
+
+
+class AncestralStep(SamplerStep):
+    """x_{t-1} ~ p_theta(x_{t-1} | x_t) on the full chain (Ho et al. Algorithm 2, i = t)."""
+
+    def forward(self, output, x_t, i, generator=None):
+        mean, log_var, x_0 = self.diffusion.p_mean_variance(
+            output, x_t, self.original_t(i, x_t), self.mean_type, self.var_type, self.clip_denoised)
+        return self.add_noise(mean, torch.exp(0.5 * log_var), i, generator), x_0
+
+
+class StridedAncestralStep(SamplerStep):
+    """Ancestral sampling on the chain respaced to the kept timesteps (Nichol & Dhariwal 2021,
+    sec. 4): x0_hat from the network's output at the original step t_i, then the posterior
+    q(x_{t_{i-1}} | x_t, x0_hat) and the fixed variance of the respaced step i."""
+
+    def __init__(self, betas, timesteps, mean_type, var_type, clip_denoised):
+        super().__init__(betas, timesteps, mean_type, var_type, clip_denoised)
+        self.respaced = GaussianDiffusion(betas, timesteps)
+
+    def forward(self, output, x_t, i, generator=None):
+        t = self.original_t(i, x_t)
+        x_0 = self.diffusion.predict_xstart(output, x_t, t, self.mean_type, self.clip_denoised)
+        mean, log_var, _ = self.respaced.p_mean_variance(
+            x_0, x_t, torch.full_like(t, i), "xstart", self.var_type, clip_denoised=False)
+        return self.add_noise(mean, torch.exp(0.5 * log_var), i, generator), x_0
+
+
+class DDIMStep(SamplerStep):
+    """The DDIM update (Song et al. 2021, eq. 12) from t = t_i to s = t_{i-1} (abar_s = 1 after
+    the last step), with noise scale eta in [0, 1] (0: deterministic):
+        x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma_i^2) eps_hat + sigma_i z,
+        sigma_i = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s).
+    x0_hat is clipped if clip_denoised and eps_hat re-derived from it, so the update stays
+    consistent with it; without clipping eps_hat is the model's own and this is the official
+    update. Only the mean half of a learned-variance model's output is used.
+    """
+
+    def __init__(self, betas, timesteps, mean_type, var_type, clip_denoised, eta):
+        super().__init__(betas, timesteps, mean_type, var_type, clip_denoised)
+        self.eta = eta
+        alphas_bar = self.diffusion.alphas_bar[timesteps]
         alphas_bar_prev = torch.cat([alphas_bar.new_ones(1), alphas_bar[:-1]])
         sigma = self.eta * torch.sqrt(
             (1.0 - alphas_bar_prev) / (1.0 - alphas_bar) * (1.0 - alphas_bar / alphas_bar_prev))
         buffers = {
-            "ddim_sigma": sigma,
-            "ddim_sqrt_alphas_bar_prev": alphas_bar_prev.sqrt(),
-            "ddim_eps_coef": torch.sqrt(1.0 - alphas_bar_prev - sigma ** 2),
+            "sigma": sigma,
+            "sqrt_alphas_bar_prev": alphas_bar_prev.sqrt(),
+            "eps_coef": torch.sqrt(1.0 - alphas_bar_prev - sigma ** 2),
         }
         for name, value in buffers.items():
             self.register_buffer(name, value, persistent=False)
 
-    def ddim_mean_std(self, output, x_t, t, i):
-        """DDIM's x_s before its noise, sigma_i (None when eta = 0) and x0_hat (clipped if
-        clip_denoised); eps_hat is re-derived from that x0_hat so the update stays consistent
-        with it. Without clipping, eps_hat is the model's own and this is the official update."""
+    def forward(self, output, x_t, i, generator=None):
+        t = self.original_t(i, x_t)
         if self.var_type == "learned":
             output, _ = split_learned_variance(output, x_t)
-        x_0 = self.predict_xstart(output, x_t, t, self.mean_type, self.clip_denoised)
-        eps = self.predict_eps_from_xstart(x_t, t, x_0)
+        x_0 = self.diffusion.predict_xstart(output, x_t, t, self.mean_type, self.clip_denoised)
+        eps = self.diffusion.predict_eps_from_xstart(x_t, t, x_0)
         index = torch.full_like(t, i)
-        mean = (extract(self.ddim_sqrt_alphas_bar_prev, index, x_t) * x_0
-                + extract(self.ddim_eps_coef, index, x_t) * eps)
-        std = extract(self.ddim_sigma, index, x_t) if self.eta > 0 else None
-        return mean, std, x_0
+        mean = (extract(self.sqrt_alphas_bar_prev, index, x_t) * x_0
+                + extract(self.eps_coef, index, x_t) * eps)
+        std = extract(self.sigma, index, x_t) if self.eta > 0 else None
+        return self.add_noise(mean, std, i, generator), x_0
 
-    def ancestral_mean_std(self, output, x_t, t, i):
-        """Mean and std of p_theta(x at the previous kept step | x_t), and x0_hat. On a respaced
-        chain x0_hat comes from the original step t_i, the posterior from the respaced step i."""
-        if self.respaced is None:
-            mean, log_var, x_0 = self.p_mean_variance(
-                output, x_t, t, self.mean_type, self.var_type, self.clip_denoised)
-        else:
-            x_0 = self.predict_xstart(output, x_t, t, self.mean_type, self.clip_denoised)
-            mean, log_var, _ = self.respaced.p_mean_variance(
-                x_0, x_t, torch.full_like(t, i), "xstart", self.var_type, clip_denoised=False)
-        return mean, torch.exp(0.5 * log_var), x_0
 
-    def step(self, x_t, i, generator=None):
-        """One step from the i-th kept timestep to the one before it (to x_0 at i = 0).
+def ddpm_step(betas, timesteps, mean_type, var_type, clip_denoised, eta):
+    """Ancestral sampling: Algorithm 2 when the kept timesteps are the whole chain, the
+    respaced chain otherwise."""
+    if eta != 0.0:
+        raise ValueError("eta is the noise scale of sampler 'ddim'; sampler 'ddpm' takes none")
+    strided = len(timesteps) < len(betas)
+    if strided and var_type == "learned":
+        raise ValueError("a learned variance is that of one original step: sample it with "
+                         "sample_steps = T or sampler 'ddim'")
+    if len(timesteps) < 2:
+        raise ValueError("sampler 'ddpm' needs at least 2 timesteps (sample_steps >= 2)")
+    step = StridedAncestralStep if strided else AncestralStep
+    return step(betas, timesteps, mean_type, var_type, clip_denoised)
 
-        Returns (x at the previous kept timestep, x0_hat); no noise is added at i = 0.
+
+# --sampler name -> f(betas, timesteps, mean_type, var_type, clip_denoised, eta): a SamplerStep,
+# raising ValueError for options that sampler cannot take
+STEPS = {
+    "ddpm": ddpm_step,
+    "ddim": DDIMStep,
+}
+SAMPLERS = tuple(STEPS)
+
+
+class StepRecord(NamedTuple):
+    """One step of the reverse chain: the i-th kept timestep t, the step's input x_t, the x0_hat
+    it predicted, and its output x_prev, x at the previous kept timestep (after the last step
+    x_0, not yet clamped)."""
+    i: int
+    t: int
+    x_t: torch.Tensor
+    x0_hat: torch.Tensor
+    x_prev: torch.Tensor
+
+
+class GaussianDiffusionSampler(GaussianDiffusion):
+    """p_theta: the reverse chain x_T -> x_0 of a network passed in at each call.
+
+    sampler "ddpm" with sample_steps = T (the default) is Algorithm 2. With fewer steps it is
+    ancestral sampling on the chain respaced to the kept timesteps (`sample_timesteps` with
+    skip_type), the model still called with the original timestep. sampler "ddim" is the DDIM
+    update on the kept timesteps with noise scale eta in [0, 1] (0: deterministic). A learned
+    variance is the variance of one original step, so it cannot serve a strided ancestral
+    chain. sample_steps=None means T. Constructing one validates a sampling configuration
+    without a network.
+
+    timesteps: the kept timesteps, ascending; T: the length of the full chain; step: the
+    sampler's `SamplerStep`. The network is called as net(x_t, t), t a LongTensor of original
+    timesteps, and its output cast to x_t's dtype.
+    """
+
+    def __init__(self, betas, mean_type="epsilon", var_type="fixedlarge", clip_denoised=True,
+                 sampler="ddpm", sample_steps=None, eta=0.0, skip_type="uniform"):
+        super().__init__(betas)
+        check_choice("mean_type", mean_type, MEAN_TYPES)
+        check_choice("var_type", var_type, VAR_TYPES)
+        check_choice("sampler", sampler, tuple(STEPS))
+        check_choice("skip_type", skip_type, SKIP_TYPES)
+        sample_steps = self.T if sample_steps is None else sample_steps
+        if not 1 <= sample_steps <= self.T:
+            raise ValueError(f"sample_steps must be in 1..T = 1..{self.T}, got {sample_steps}")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        self.timesteps = sample_timesteps(self.T, sample_steps, skip_type)
+        self.step = STEPS[sampler](self.betas, self.timesteps, mean_type=mean_type,
+                                   var_type=var_type, clip_denoised=clip_denoised, eta=eta)
+
+    @torch.no_grad()
+    def chain(self, net, x_t, t=None, generator=None):
+        """The reverse chain from x_t at kept timestep t (default: the last) down to x_0, one
+        `StepRecord` per kept timestep, t descending; the step object is reset first.
+
+        The only loop that walks the timesteps calling the network: sampling, denoising,
+        progressive sampling and interpolation all consume it. A generator: it runs as far as
+        it is read. Raises ValueError, naming the nearest kept timestep, if t is not kept.
         """
-        t = torch.full((x_t.shape[0],), self.timesteps[i], dtype=torch.long, device=x_t.device)
-        output = self.model(x_t, t).to(x_t.dtype)
-        if self.sampler == "ddim":
-            mean, std, x_0 = self.ddim_mean_std(output, x_t, t, i)
-        else:
-            mean, std, x_0 = self.ancestral_mean_std(output, x_t, t, i)
-        if i == 0 or std is None:
-            return mean, x_0
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        return mean + std * noise, x_0
-
-    def p_sample(self, x_t, time_step, generator=None):
-        """step(x_t, time_step)[0]; on the default full chain, x_t -> x_{t-1} of Algorithm 2."""
-        return self.step(x_t, time_step, generator)[0]
-
-    @torch.no_grad()
-    def forward(self, x_T, generator=None):
-        """x_0 in [-1, 1] from x_T ~ N(0, I), which enters at the last kept timestep."""
-        return self.denoise(x_T, self.timesteps[-1], generator)
-
-    @torch.no_grad()
-    def denoise(self, x_t, t, generator=None):
-        """Run the reverse chain from x_t at kept timestep t down to x_0, clamped to [-1, 1]."""
+        t = self.timesteps[-1] if t is None else t
         if t not in self.timesteps:
             nearest = min(self.timesteps, key=lambda kept: abs(kept - t))
             raise ValueError(f"t={t} is not one of this sampler's timesteps (nearest: {nearest})")
+        self.step.reset()
         for i in reversed(range(self.timesteps.index(t) + 1)):
-            x_t, _ = self.step(x_t, i, generator)
+            batch_t = torch.full((x_t.shape[0],), self.timesteps[i], dtype=torch.long,
+                                 device=x_t.device)
+            x_prev, x0_hat = self.step(net(x_t, batch_t).to(x_t.dtype), x_t, i, generator)
+            yield StepRecord(i, self.timesteps[i], x_t, x0_hat, x_prev)
+            x_t = x_prev
+
+    @torch.no_grad()
+    def denoise(self, net, x_t, t, generator=None):
+        """x_0 in [-1, 1]: the reverse chain from x_t at kept timestep t."""
+        for record in self.chain(net, x_t, t, generator):
+            x_t = record.x_prev
         return x_t.clamp(-1.0, 1.0)
 
     @torch.no_grad()
-    def calc_bpd_loop(self, x_0, progress=False, generator=None):
-        """The variational bound of x_0 (official calc_bpd_loop), every term in bits/dim.
-
-        Over the full T-step chain whatever the sampler, with x0_hat clipped if clip_denoised:
-            terms_bpd (B, T): L_{t-1} at column t (L_0, the decoder NLL, at t = 0)
-            prior_bpd (B,):   L_T = KL(q(x_T | x_0) || N(0, I))
-            total_bpd (B,):   sum of terms_bpd + prior_bpd
-            mse (B, T):       mean squared error of x0_hat to x_0 at each t
-        All float64; x_t ~ q(x_t | x_0) is drawn afresh for every t.
-        """
-        terms = x_0.new_zeros((x_0.shape[0], self.T), dtype=torch.float64)
-        mse = torch.zeros_like(terms)
-        for time_step in tqdm(reversed(range(self.T)), total=self.T, desc="bits/dim",
-                              disable=not progress, leave=False):
-            t = torch.full((x_0.shape[0],), time_step, dtype=torch.long, device=x_0.device)
-            noise = torch.randn(x_0.shape, generator=generator, device=x_0.device, dtype=x_0.dtype)
-            x_t = self.q_sample(x_0, t, noise)
-            terms[:, time_step], pred_x_0 = self.vb_terms_bpd(
-                self.model(x_t, t), x_0, x_t, t, self.mean_type, self.var_type, self.clip_denoised)
-            mse[:, time_step] = mean_flat((pred_x_0 - x_0.double()) ** 2)
-        prior = self.prior_bpd(x_0)
-        return {"total_bpd": terms.sum(1) + prior, "prior_bpd": prior, "terms_bpd": terms,
-                "mse": mse}
+    def forward(self, net, x_T, generator=None):
+        """x_0 in [-1, 1] from x_T ~ N(0, I), which enters at the last kept timestep."""
+        return self.denoise(net, x_T, self.timesteps[-1], generator)

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from errors import UserError
+
 TIMEOUT = datetime.timedelta(minutes=30)  # long enough for rank 0 to draw a sample grid
 
 
@@ -91,7 +93,7 @@ def max_over_ranks(number, device):
     return int(value.item())
 
 
-class PeerLost(RuntimeError):
+class PeerLost(UserError, RuntimeError):
     """A collective failed because another process of the job went away."""
 
 

@@ -12,6 +12,7 @@ the numbers of an uninterrupted run; a new checkpoint or other flags start afres
 features (2,048 floats per image for Inception) and the first grid's images are held, so
 memory grows with the number of samples, not with the image size.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,14 +27,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+import bpd
 import checkpoint
 import data
 import distributed
 import files
-import speed
 import reports
-from builders import BPD_NOISE, EVAL_NOISE, INSPECT_NOISE, build_model, build_sampler, stream_seed
+import speed
+from builders import build_diffusion, build_model, build_sampler
 from reports import grid
+from streams import BPD_NOISE, EVAL_NOISE, INSPECT_NOISE, generator
 from score import Evaluator, default_feature, gather, load_images, save_images
 from score.scorer import PUBLISHED_SAMPLES
 from score.metrics import to_uint8
@@ -41,15 +44,16 @@ from score.metrics import to_uint8
 GRID_IMAGES = 256
 
 
-def make_evaluator(flags, device):
+def make_evaluator(config, device):
     """The scorer for this run's data; raises ScoreError for missing weights or statistics.
     It carries the short sha256 of its weights and statistics, for the protocol record."""
-    feature = flags.fid_feature or default_feature(flags.dataset)
-    evaluator = Evaluator(feature, flags.fid_cache or None, device, flags.inception_weights,
-                          quantize=flags.fid_quantize, dataset=flags.dataset,
-                          data_root=flags.data_root, img_size=flags.img_size)
+    scoring, dataset = config.eval, config.data
+    feature = scoring.fid_feature or default_feature(dataset.dataset)
+    evaluator = Evaluator(feature, scoring.fid_cache or None, device, scoring.inception_weights,
+                          quantize=scoring.fid_quantize, dataset=dataset.dataset,
+                          data_root=dataset.data_root, img_size=config.model.img_size)
     evaluator.weights_sha256 = short_sha256(evaluator.weights_path)
-    evaluator.statistics_sha256 = short_sha256(flags.fid_cache) if flags.fid_cache else None
+    evaluator.statistics_sha256 = short_sha256(scoring.fid_cache) if scoring.fid_cache else None
     return evaluator
 
 
@@ -68,18 +72,18 @@ def my_block(count):
 
 
 @torch.no_grad()
-def sample_batches(flags, sampler, num_images, device, skip=(), desc="generating"):
+def sample_batches(config, sampler, net, num_images, device, skip=(), desc="generating"):
     """(i, images in [0, 1]) for each batch i of this process's share of num_images samples,
     but those in skip; batch i's noise comes from its own generator."""
-    shape = (flags.img_channels, flags.img_size, flags.img_size)
-    batch = flags.eval_batch_size
+    shape = (config.model.img_channels, config.model.img_size, config.model.img_size)
+    batch = config.eval.eval_batch_size
     first_batch, last_batch = my_block(-(-num_images // batch))
     todo = [i for i in range(first_batch, last_batch) if i not in skip]
     for i in tqdm(todo, desc=desc, disable=not distributed.is_main(), dynamic_ncols=True, leave=False):
         size = min(batch, num_images - i * batch)
-        generator = torch.Generator(device).manual_seed(stream_seed(flags.seed, EVAL_NOISE, i))
-        x_T = torch.randn((size, *shape), generator=generator, device=device)
-        yield i, (sampler(x_T, generator=generator) + 1) / 2
+        noise = generator(device, config.run.seed, EVAL_NOISE, i)
+        x_T = torch.randn((size, *shape), generator=noise, device=device)
+        yield i, (sampler(net, x_T, generator=noise) + 1) / 2
 
 
 class BatchStore:
@@ -125,7 +129,7 @@ class BatchStore:
             os.rmdir(root)
 
 
-def report(flags, scores, step, writer=None, protocol=None):
+def report(logdir, scores, step, writer=None, protocol=None):
     """Print the scores and their protocol, append both as a JSON line to <logdir>/eval.txt
     and log the scores to TensorBoard (main process)."""
     if not distributed.is_main():
@@ -136,7 +140,7 @@ def report(flags, scores, step, writer=None, protocol=None):
     print(", ".join(f"{name} {value:.4f}" for name, value in numbers.items()))
     if protocol:
         print(f"  {describe(protocol)}")
-    path = os.path.join(flags.logdir, "eval.txt")
+    path = os.path.join(logdir, "eval.txt")
     files.append_line(path, json.dumps({"step": step, "time": time.time(), **scores, **(protocol or {})}))
     print(f"  appended to {path}")
     if writer is not None:
@@ -144,16 +148,19 @@ def report(flags, scores, step, writer=None, protocol=None):
             writer.add_scalar(name, value, step)
 
 
-def protocol_record(flags, sampler, evaluator, num_samples, step, ckpt_sha256, started):
+def protocol_record(config, sampler, evaluator, num_samples, step, ckpt_sha256, started):
     """How a score was measured, as eval.txt records it."""
-    record = {"num_samples": num_samples, "sampler": flags.sampler, "steps": len(sampler.timesteps),
-              "eta": flags.eta, "skip_type": flags.skip_type, "clip_denoised": flags.clip_denoised,
+    sampling = config.sampling
+    record = {"num_samples": num_samples, "sampler": sampling.sampler, "steps": len(sampler.timesteps),
+              "eta": sampling.eta, "skip_type": sampling.skip_type, "clip_denoised": sampling.clip_denoised,
+              "beta_schedule": config.diffusion.beta_schedule,
               "ema": True, "checkpoint_step": step, "checkpoint_sha256": ckpt_sha256,
-              "statistics": flags.fid_cache or None,
+              "statistics": config.eval.fid_cache or None,
               "statistics_sha256": evaluator.statistics_sha256 if evaluator else None,
               "feature_network": evaluator.feature if evaluator else None,
               "feature_weights_sha256": evaluator.weights_sha256 if evaluator else None,
-              "quantize": flags.fid_quantize, "seed": flags.seed, "processes": distributed.world_size(),
+              "quantize": config.eval.fid_quantize, "seed": config.run.seed,
+              "processes": distributed.world_size(),
               "torch": torch.__version__, "wall_time_s": round(time.time() - started, 1)}
     if evaluator and evaluator.feature == "inception" and num_samples < PUBLISHED_SAMPLES:
         record["comparable"] = f"no: fewer than {PUBLISHED_SAMPLES:,} samples, not comparable with published FIDs"
@@ -168,7 +175,8 @@ def describe(record):
         return (f"{record['num_samples']:,} images of {record['images']}; {record['feature_network']} "
                 f"features, {statistics}, {'8-bit' if record['quantize'] else 'float'} images")
     text = (f"{record['num_samples']:,} samples of the EMA model at step {record['checkpoint_step']} "
-            f"(ckpt {record['checkpoint_sha256']}); {record['sampler']} sampler, {record['steps']} steps, "
+            f"(ckpt {record['checkpoint_sha256']}); {record.get('beta_schedule', 'linear')} schedule, "
+            f"{record['sampler']} sampler, {record['steps']} steps, "
             f"eta {record['eta']}, {record['skip_type']} skips, "
             f"{'clipped' if record['clip_denoised'] else 'unclipped'} x0; "
             f"{record['feature_network']} features ({record['feature_weights_sha256']}), {statistics}, "
@@ -177,84 +185,111 @@ def describe(record):
     return text + (f"; {record['comparable']}" if "comparable" in record else "")
 
 
-def load_ema(flags, device):
+def load_ema(config, device):
     """The EMA network of <logdir>/ckpt.pt, its step, and the checkpoint's short sha256."""
-    path = os.path.join(flags.logdir, "ckpt.pt")
+    path = os.path.join(config.run.logdir, "ckpt.pt")
     state = checkpoint.load(path, required=("ema_model",))
-    ema = build_model(flags, checkpoint.layout_of(state, path, flags.layout))
+    ema = build_model(config.model, config.diffusion, checkpoint.layout_of(state, path, config.model.layout))
     checkpoint.load_weights(ema, state["ema_model"], path)
     return ema.to(device).eval(), state.get("step"), short_sha256(path)
 
 
-def evaluate(flags, device_type):
+def store_identity(config, ckpt_sha256, layout, fast, evaluator):
+    """Everything the finished batches of an --eval depend on: the model, diffusion and
+    sampling configurations whole (so that no new field can be forgotten here), the
+    checkpoint, and how the batches were drawn and what they hold."""
+    return {"model": dataclasses.asdict(config.model), "diffusion": dataclasses.asdict(config.diffusion),
+            "sampling": dataclasses.asdict(config.sampling), "checkpoint": ckpt_sha256, "layout": layout,
+            "seed": config.run.seed, "num_images": config.eval.num_images,
+            "eval_batch_size": config.eval.eval_batch_size, "fast_path": dataclasses.asdict(fast),
+            "feature": evaluator.feature if evaluator else None,
+            "feature_weights": evaluator.weights_sha256 if evaluator else None,
+            "quantize": config.eval.fid_quantize, "keep_samples": bool(config.actions.save_samples)}
+
+
+def score_folder(config, evaluator):
+    """--eval_dir: score a folder of images (or .npz) as they are."""
+    scoring, folder = config.eval, config.actions.eval_dir
+    everything = load_images(folder)
+    first, last = my_block(len(everything))
+    features, logits = evaluator.features(everything[first:last], progress=distributed.is_main())
+    report(config.run.logdir, evaluator.score(gather(features), gather(logits)), step=None,
+           protocol={"num_samples": len(everything), "images": folder, "feature_network": evaluator.feature,
+                     "quantize": scoring.fid_quantize, "statistics": scoring.fid_cache or None})
+
+
+def evaluate(config, device_type):
     """--eval: score --eval_dir, or draw --num_images samples with the EMA model, save them if
     asked, and score them unless --noscore."""
     started = time.time()
     device = distributed.local_device(device_type)
     # missing weights or statistics fail before any sampling
-    evaluator = make_evaluator(flags, device) if flags.score else None
-    if flags.eval_dir:
-        everything = load_images(flags.eval_dir)
-        first, last = my_block(len(everything))
-        features, logits = evaluator.features(everything[first:last], progress=distributed.is_main())
-        report(flags, evaluator.score(gather(features), gather(logits)), step=None,
-               protocol={"num_samples": len(everything), "images": flags.eval_dir,
-                         "feature_network": evaluator.feature, "quantize": flags.fid_quantize,
-                         "statistics": flags.fid_cache or None})
-        return
-    fast = speed.settings(flags, device_type, distributed.world_size())
-    ema, step, ckpt_sha256 = load_ema(flags, device)
-    sampler = build_sampler(flags, speed.fast(speed.to_layout(ema, fast), fast)).to(device)
-    identity = {name: getattr(flags, name) for name in (
-        "sampler", "sample_steps", "eta", "skip_type", "clip_denoised", "mean_type", "var_type", "T",
-        "beta_1", "beta_T", "seed", "num_images", "eval_batch_size", "img_size", "img_channels")}
-    identity.update(checkpoint=ckpt_sha256, layout=ema.layout, fast_path=repr(fast),
-                    feature=evaluator.feature if evaluator else None,
-                    feature_weights=evaluator.weights_sha256 if evaluator else None,
-                    quantize=flags.fid_quantize, keep_samples=bool(flags.save_samples))
-    store = BatchStore(flags.logdir, identity)
-    batch = flags.eval_batch_size
-    num_batches = -(-flags.num_images // batch)
+    evaluator = make_evaluator(config, device) if config.actions.score else None
+    if config.actions.eval_dir:
+        return score_folder(config, evaluator)
+    fast = speed.resolve(config.fast, device_type, distributed.world_size())
+    ema, step, ckpt_sha256 = load_ema(config, device)
+    net, sampler = speed.wrap(speed.to_layout(ema, fast), fast), build_sampler(config.sampling, config.diffusion)
+    sampler = sampler.to(device)
+    store = BatchStore(config.run.logdir, store_identity(config, ckpt_sha256, ema.layout, fast, evaluator))
+    num_batches = -(-config.eval.num_images // config.eval.eval_batch_size)
     mine = range(*my_block(num_batches))
     done = store.finished(mine)
     if done:
         print(f"rank {distributed.rank()}: {len(done)} of its {len(mine)} batches were finished by an "
               f"earlier run ({store.folder}); continuing", file=sys.stderr)
-    to_folder = flags.save_samples and not flags.save_samples.endswith(".npz")
-    for i, images in sample_batches(flags, sampler, flags.num_images, device, skip=done):
-        result = {}
-        if evaluator is not None:
-            features, logits = evaluator.features(images)
-            result.update(features=features.float().cpu(), logits=logits.float().cpu())
-        samples = to_uint8(images).cpu()
-        if flags.save_samples and not to_folder:
-            result["samples"] = samples
-        elif to_folder:  # written before the batch counts as finished
-            save_images(images.cpu(), flags.save_samples, start=i * batch)
-        if i * batch < GRID_IMAGES:
-            result["grid"] = samples[:GRID_IMAGES - i * batch]
-        store.save(i, result)
+    for i, images in sample_batches(config, sampler, net, config.eval.num_images, device, skip=done):
+        store.save(i, batch_record(config, evaluator, i, images))
     distributed.barrier()  # every batch is on disk now; the logdir is shared by all ranks
     if distributed.is_main():
-        first = torch.cat([store.load(i)["grid"] for i in range(min(num_batches, -(-GRID_IMAGES // batch)))])
-        path = os.path.join(flags.logdir, "samples_ema.png")
-        files.save_png(grid(first.float() / 127.5 - 1), path)
-        print(f"wrote {path} (the first {len(first)} samples)")
-        if flags.save_samples and not to_folder:
-            write_npz(flags.save_samples, (store.load(i)["samples"] for i in range(num_batches)),
-                      (flags.num_images, flags.img_size, flags.img_size, flags.img_channels))
-        if flags.save_samples:
-            print(f"wrote {flags.num_images:,} samples to {flags.save_samples}")
+        write_samples(config, store, num_batches)
     if evaluator is not None:
         parts = [store.load(i) for i in mine]
         features = torch.cat([part["features"] for part in parts]).double().to(device)
         logits = torch.cat([part["logits"] for part in parts]).double().to(device)
         scores = evaluator.score(gather(features), gather(logits))
-        report(flags, scores, step, protocol=protocol_record(
-            flags, sampler, evaluator, flags.num_images, step, ckpt_sha256, started))
+        report(config.run.logdir, scores, step, protocol=protocol_record(
+            config, sampler, evaluator, config.eval.num_images, step, ckpt_sha256, started))
     distributed.barrier()
     if distributed.is_main():
         store.remove()
+
+
+def saves_to_folder(config):
+    path = config.actions.save_samples
+    return bool(path) and not path.endswith(".npz")
+
+
+def batch_record(config, evaluator, i, images):
+    """What the store keeps of batch i: its features and logits, its 8-bit samples for an
+    .npz, the first GRID_IMAGES samples for the grid; a folder gets its PNGs now, before the
+    batch counts as finished."""
+    record, batch = {}, config.eval.eval_batch_size
+    if evaluator is not None:
+        features, logits = evaluator.features(images)
+        record.update(features=features.float().cpu(), logits=logits.float().cpu())
+    samples = to_uint8(images).cpu()
+    if config.actions.save_samples and not saves_to_folder(config):
+        record["samples"] = samples
+    elif saves_to_folder(config):
+        save_images(images.cpu(), config.actions.save_samples, start=i * batch)
+    if i * batch < GRID_IMAGES:
+        record["grid"] = samples[:GRID_IMAGES - i * batch]
+    return record
+
+
+def write_samples(config, store, num_batches):
+    """samples_ema.png from the first batches, and the .npz of --save_samples."""
+    batch, model, path = config.eval.eval_batch_size, config.model, config.actions.save_samples
+    first = torch.cat([store.load(i)["grid"] for i in range(min(num_batches, -(-GRID_IMAGES // batch)))])
+    grid_path = os.path.join(config.run.logdir, "samples_ema.png")
+    files.save_png(grid(first.float() / 127.5 - 1), grid_path)
+    print(f"wrote {grid_path} (the first {len(first)} samples)")
+    if path and not saves_to_folder(config):
+        write_npz(path, (store.load(i)["samples"] for i in range(num_batches)),
+                  (config.eval.num_images, model.img_size, model.img_size, model.img_channels))
+    if path:
+        print(f"wrote {config.eval.num_images:,} samples to {path}")
 
 
 def write_npz(path, batches, shape):
@@ -272,78 +307,80 @@ def write_npz(path, batches, shape):
     os.replace(temporary, path)
 
 
-def evaluate_during_training(flags, evaluator, sampler, step, writer):
+def evaluate_during_training(config, evaluator, sampler, net, step, writer):
     """--eval_step: score --eval_num_images samples of the EMA model, batch by batch."""
     started = time.time()
     parts = [evaluator.features(images) for _, images in sample_batches(
-        flags, sampler, flags.eval_num_images, sampler.betas.device, desc=f"evaluating step {step}")]
+        config, sampler, net, config.eval.eval_num_images, sampler.betas.device,
+        desc=f"evaluating step {step}")]
     features, logits = (torch.cat([part[k] for part in parts]) for k in (0, 1))
-    report(flags, evaluator.score(gather(features), gather(logits)), step, writer,
-           protocol_record(flags, sampler, evaluator, flags.eval_num_images, step, None, started))
+    report(config.run.logdir, evaluator.score(gather(features), gather(logits)), step, writer,
+           protocol_record(config, sampler, evaluator, config.eval.eval_num_images, step, None, started))
 
 
-def bits_per_dim(flags, device_type):
+def bits_per_dim(config, device_type):
     """--bpd: the variational bound of the EMA model on a dataset split (official
     calc_bpd_loop), each process on its contiguous share, the sums combined."""
     device = distributed.local_device(device_type)
-    ema, _, _ = load_ema(flags, device)
-    # fp32 network: every bound term after it is float64
-    sampler = build_sampler(flags, ema, full_chain=True).to(device)
-    dataset = data.build_dataset(flags.dataset, flags.data_root, flags.img_size,
-                                 train=flags.bpd_split == "train", flip=False, channels=flags.img_channels)
+    ema, _, _ = load_ema(config, device)  # fp32 network: every bound term after it is float64
+    diffusion, inspect, logdir = build_diffusion(config.diffusion).to(device), config.inspect, config.run.logdir
+    dataset = data.build_dataset(config.data.dataset, config.data.data_root, config.model.img_size,
+                                 train=inspect.bpd_split == "train", flip=False,
+                                 channels=config.model.img_channels)
     # whole batches per process, each batch's noise seeded by its global index: the same
     # sums on any number of processes
-    count, batch = min(len(dataset), flags.bpd_num_images or len(dataset)), flags.eval_batch_size
+    count = min(len(dataset), inspect.bpd_num_images or len(dataset))
+    batch = config.eval.eval_batch_size
     first_batch, last_batch = my_block(-(-count // batch))
     loader = DataLoader(Subset(dataset, range(first_batch * batch, min(last_batch * batch, count))),
-                        batch_size=batch, num_workers=flags.num_workers)
-
-    def generator(n):
-        return torch.Generator(device).manual_seed(stream_seed(flags.seed, BPD_NOISE, first_batch + n))
-    sums = reports.bpd_sums(sampler, loader, progress=distributed.is_main(), generator=generator)
+                        batch_size=batch, num_workers=config.data.num_workers)
+    sums = bpd.bpd_sums(ema, diffusion, loader, config.diffusion.mean_type, config.diffusion.var_type,
+                        config.sampling.clip_denoised, progress=distributed.is_main(),
+                        generator=lambda n: generator(device, config.run.seed, BPD_NOISE, first_batch + n))
     sums = {name: distributed.all_reduce_sum(value) for name, value in sums.items()}
     if distributed.is_main():
-        summary = reports.save_bpd(sums, flags.logdir)
+        summary = bpd.save_bpd(sums, logdir)
         print(f"bits/dim {summary['total_bpd']:.4f} +- {summary['total_bpd_stderr']:.4f} "
-              f"(prior {summary['prior_bpd']:.2e}) over {summary['num_images']} {flags.bpd_split} "
-              f"images; wrote {os.path.join(flags.logdir, 'bpd.json')} and bpd.png")
+              f"(prior {summary['prior_bpd']:.2e}) over {summary['num_images']} {inspect.bpd_split} "
+              f"images; wrote {os.path.join(logdir, 'bpd.json')} and bpd.png")
 
 
-def interpolation_image(flags, name, dataset):
+def interpolation_image(model, name, dataset):
     """--interp_images entry: an index into the training set, or an image file."""
     if name.isdigit():
         return dataset[int(name)][0]
     try:
         with Image.open(name) as image:
-            return data.image_transform(flags.img_size, False, flags.img_channels)(image.convert("RGB"))
+            return data.image_transform(model.img_size, False, model.img_channels)(image.convert("RGB"))
     except OSError as error:
         raise data.DatasetError(f"--interp_images: {name} is neither a training-set index nor a "
                                 f"readable image ({error})") from None
 
 
-def look_inside(flags, device_type):
+def look_inside(config, device_type):
     """--progressive_every and --interp_t with the EMA model, on the main process."""
     if not distributed.is_main():
         return
     device = distributed.local_device(device_type)
-    ema, _, _ = load_ema(flags, device)
-    sampler = build_sampler(flags, ema).to(device)
-    generator = torch.Generator(device).manual_seed(stream_seed(flags.seed, INSPECT_NOISE))
-    if flags.progressive_every > 0:
-        x_T = torch.randn((flags.sample_size, flags.img_channels, flags.img_size, flags.img_size),
-                          generator=generator, device=device)
-        progressive = reports.progressive_samples(sampler, x_T, flags.progressive_every, generator)
-        paths = reports.save_progressive(progressive, os.path.join(flags.logdir, "progressive"))
+    ema, _, _ = load_ema(config, device)
+    sampler = build_sampler(config.sampling, config.diffusion).to(device)
+    noise = generator(device, config.run.seed, INSPECT_NOISE)
+    model, actions, logdir = config.model, config.actions, config.run.logdir
+    if actions.progressive_every > 0:
+        x_T = torch.randn((config.training.sample_size, model.img_channels, model.img_size, model.img_size),
+                          generator=noise, device=device)
+        progressive = reports.progressive_samples(sampler, ema, x_T, actions.progressive_every, noise)
+        paths = reports.save_progressive(progressive, os.path.join(logdir, "progressive"))
         print(f"wrote {len(paths) - 1} strips and {paths[-1]}")
-    if flags.interp_t:
-        dataset = data.build_dataset(flags.dataset, flags.data_root, flags.img_size, train=True,
-                                     flip=False, channels=flags.img_channels)
-        x0_a, x0_b = (interpolation_image(flags, name, dataset)[None].to(device)
-                      for name in flags.interp_images)
-        lambdas = torch.linspace(0, 1, flags.interp_lambdas).tolist()
-        folder = os.path.join(flags.logdir, "interpolation")
+    if actions.interp_t:
+        dataset = data.build_dataset(config.data.dataset, config.data.data_root, model.img_size, train=True,
+                                     flip=False, channels=model.img_channels)
+        x0_a, x0_b = (interpolation_image(model, name, dataset)[None].to(device)
+                      for name in config.inspect.interp_images)
+        lambdas = torch.linspace(0, 1, config.inspect.interp_lambdas).tolist()
+        folder = os.path.join(logdir, "interpolation")
         os.makedirs(folder, exist_ok=True)
-        for t in map(int, flags.interp_t):
-            mixed = reports.interpolate(sampler, x0_a, x0_b, t, lambdas, generator)
+        for t in map(int, actions.interp_t):
+            mixed = reports.interpolate(sampler, ema, x0_a, x0_b, t, lambdas, noise)
             reports.save_interpolation(os.path.join(folder, f"t{t}.png"), x0_a, x0_b, mixed)
-        print(f"wrote {len(flags.interp_t)} interpolation grids under {folder}")
+        print(f"wrote {len(actions.interp_t)} interpolation grids under {folder}")

@@ -12,10 +12,12 @@ import shutil
 
 import torch
 
+from errors import UserError
+
 TEMPORARY = ".tmp"
 
 
-class WriteError(RuntimeError):
+class WriteError(UserError, RuntimeError):
     """A file that could not be written; the message names it and the space it needed."""
 
 
@@ -51,6 +53,16 @@ def write_atomically(path, write, size):
         else:
             reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
         raise WriteError(f"cannot write {path}: {reason}; nothing was changed there") from None
+
+
+def read_text(path):
+    """A small text file (a flagfile) as a string; one line if it is not UTF-8 text."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start}): a flagfile holds lines "
+                        "--name=value") from None
 
 
 def write_bytes(path, content):

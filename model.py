@@ -8,7 +8,8 @@ layout:
   downsampling conv is padded TF-"SAME" style (one row and column of zeros after, none
   before), GroupNorm eps is 1e-6, and the timestep table is [sin(t w_k), cos(t w_k)] with
   w_k = 1e4^(-k/(d/2-1)).
-- ``seed``: as the earlier PyTorch port computes it, so its trained checkpoints give its
+- ``port``: as the earlier PyTorch port computes it (called ``seed`` before; that name is
+  still accepted), so its trained checkpoints give its
   numbers. Downsampling is Conv2d(stride 2, padding 1), GroupNorm eps 1e-5 (PyTorch's
   default), and the timestep table interleaves sin and cos per frequency w_k = 1e4^(-2k/d).
 
@@ -23,14 +24,18 @@ from torch import nn
 
 GROUPS = 32
 ZERO_GAIN = 1e-5    # official "variance scaling 1e-10": std scaled by sqrt(1e-10)
-LAYOUTS = ("official", "seed")
+LAYOUTS = ("official", "port")
+LAYOUT_ALIASES = {"seed": "port"}  # the earlier name of the port's layout
 GN_EPS = {"official": 1e-6,  # tf.contrib.layers.group_norm
-          "seed": 1e-5}      # torch.nn.GroupNorm's default
+          "port": 1e-5}      # torch.nn.GroupNorm's default
 
 
 def check_layout(layout):
+    """The layout's name (an old name replaced by today's); ValueError for an unknown one."""
+    layout = LAYOUT_ALIASES.get(layout, layout)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return layout
 
 
 def timestep_embedding_table(T, dim, layout="official"):
@@ -38,15 +43,15 @@ def timestep_embedding_table(T, dim, layout="official"):
 
     official: [sin(t w_0), ..., sin(t w_{d/2-1}), cos(t w_0), ...], w_k = 1e4^(-k/(d/2-1)),
               computed in float64.
-    seed:     [sin(t w_0), cos(t w_0), sin(t w_1), ...], w_k = 1e4^(-2k/d), computed in
+    port:     [sin(t w_0), cos(t w_0), sin(t w_1), ...], w_k = 1e4^(-2k/d), computed in
               float32 as the earlier port does, so a model trained in that layout here sees
               the same table bit for bit.
     """
-    check_layout(layout)
+    layout = check_layout(layout)
     if dim % 2:
         raise ValueError(f"ch must be even for the sinusoidal timestep embedding, got {dim}")
     half = dim // 2
-    if layout == "seed":
+    if layout == "port":
         freqs = torch.exp(-(torch.arange(0, dim, 2) / dim * math.log(10000.0)))
         angles = torch.arange(T).float()[:, None] * freqs[None, :]
         return torch.stack([angles.sin(), angles.cos()], dim=-1).view(T, dim)
@@ -101,7 +106,7 @@ class TimeEmbedding(nn.Module):
 
 class DownSample(nn.Module):
     """Stride-2 3x3 conv. official: TF "SAME" padding, one row/column of zeros after and
-    none before; seed: one on every side. The two sample grids are one pixel apart."""
+    none before; port: one on every side. The two sample grids are one pixel apart."""
 
     def __init__(self, ch, layout):
         super().__init__()
@@ -172,14 +177,14 @@ class UNet(nn.Module):
     num_res_blocks: ResBlocks per level on the way down (one more on the way up);
     in_ch / out_ch: image channels in and out (out_ch = 2 * in_ch for a learned variance);
     img_size, when given, is checked against the number of halvings;
-    layout: "official" or "seed" (see the module docstring).
+    layout: "official" or "port" (see the module docstring; "seed" is the old name of port).
     """
 
     def __init__(self, T, ch, ch_mult, attn, num_res_blocks, dropout,
                  in_ch=3, out_ch=None, img_size=None, layout="official"):
         super().__init__()
         ch_mult, attn = list(ch_mult), list(attn)
-        check_layout(layout)
+        layout = check_layout(layout)
         check_architecture(ch, ch_mult, attn, img_size)
         self.layout = layout
         self.downsample_factor = 2 ** (len(ch_mult) - 1)

@@ -1,18 +1,15 @@
-"""Reports for people to look at: sample grids, progressive sampling, interpolation, and the
-bound in bits/dim with its plot.
+"""Pictures for people to look at: sample grids, progressive sampling and interpolation.
 
-Every sampling function takes a `GaussianDiffusionSampler` (diffusion.py) whose model is in
-eval mode. Images are tensors in [-1, 1]; files are 8-bit PNG/GIF written by PIL, a pixel x
-stored as round((x + 1) * 127.5).
+The two walks take a `GaussianDiffusionSampler` (diffusion.py) and the network, in eval mode,
+and read the sampler's one reverse chain (`chain`). Images are tensors in [-1, 1]; files are
+8-bit PNG/GIF written by PIL, a pixel x stored as round((x + 1) * 127.5).
 """
-import json
 import math
 import os
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torchvision.utils import make_grid
-from tqdm import tqdm
 
 
 def enlarge(images, min_size=32):
@@ -39,25 +36,23 @@ def to_pil(images, nrow):
 
 
 @torch.no_grad()
-def progressive_samples(sampler, x_T, every=50, generator=None):
+def progressive_samples(sampler, net, x_T, every=50, generator=None):
     """Sample from x_T, recording x_t and x0_hat at every `every`-th sampler step.
 
     As the official p_sample_loop_progressive (include_xstartpred_freq), the steps recorded are
     the kept steps i with i % every == 0 (t = 0, 50, ..., 950 for the full 1000-step chain),
-    here in sampling order, t descending. The last record's x0_hat is the sample (up to rounding).
+    here in sampling order, t descending. The samples are the sampler's for the same x_T and
+    generator; the last record's x0_hat is the sample (up to rounding).
     Returns a dict: samples (B, C, H, W); x_t and pred_xstart (B, N, C, H, W), x_t the input of
     the recorded step; timesteps (N,).
     """
     x_ts, pred_xstarts, timesteps = [], [], []
-    x_t = x_T
-    for i in reversed(range(len(sampler.timesteps))):
-        x_prev, pred_xstart = sampler.step(x_t, i, generator)
-        if i % every == 0:
-            x_ts.append(x_t)
-            pred_xstarts.append(pred_xstart)
-            timesteps.append(sampler.timesteps[i])
-        x_t = x_prev
-    return {"samples": x_t.clamp(-1.0, 1.0), "x_t": torch.stack(x_ts, 1),
+    for record in sampler.chain(net, x_T, generator=generator):
+        if record.i % every == 0:
+            x_ts.append(record.x_t)
+            pred_xstarts.append(record.x0_hat)
+            timesteps.append(record.t)
+    return {"samples": record.x_prev.clamp(-1.0, 1.0), "x_t": torch.stack(x_ts, 1),
             "pred_xstart": torch.stack(pred_xstarts, 1), "timesteps": torch.tensor(timesteps)}
 
 
@@ -85,7 +80,7 @@ def save_progressive(progressive, logdir, prefix="progressive", frame_ms=100):
 
 
 @torch.no_grad()
-def interpolate(sampler, x0_a, x0_b, t, lambdas, generator=None):
+def interpolate(sampler, net, x0_a, x0_b, t, lambdas, generator=None):
     """Interpolation in the latent x_t (Ho et al. sec. 4.3, the official interpolate).
 
     x_t^a, x_t^b ~ q(x_t | x_0), each endpoint diffused with its own noise as the official
@@ -104,7 +99,7 @@ def interpolate(sampler, x0_a, x0_b, t, lambdas, generator=None):
     for lam in lambdas:
         if generator is not None:
             generator.set_state(state)
-        mixed.append(sampler.denoise((1.0 - lam) * x_t_a + lam * x_t_b, t, generator))
+        mixed.append(sampler.denoise(net, (1.0 - lam) * x_t_a + lam * x_t_b, t, generator))
     return torch.stack(mixed, 1)
 
 
@@ -112,78 +107,3 @@ def save_interpolation(path, x0_a, x0_b, mixed):
     """One PNG: a row per pair, columns x0_a, the interpolations in lambda order, x0_b."""
     rows = torch.cat([x0_a[:, None], mixed, x0_b[:, None]], dim=1)
     to_pil(rows.flatten(0, 1), nrow=rows.shape[1]).save(path)
-
-
-def bpd_sums(sampler, loader, progress=False, generator=None):
-    """calc_bpd_loop over a loader of (image, label) batches, summed over images (float64).
-
-    Returns count, total_bpd, total_bpd_sq (its square, for the standard error), prior_bpd,
-    terms_bpd (T,) and mse (T,) as tensors on the sampler's device: under DDP all_reduce each
-    with SUM across the ranks' shards, then pass the sums to save_bpd. generator: a
-    torch.Generator, or a function of the batch number n that returns batch n's.
-    """
-    device = sampler.betas.device
-    sums = {}
-    for n, (x_0, _) in enumerate(tqdm(loader, desc="bits/dim batches", disable=not progress)):
-        result = sampler.calc_bpd_loop(x_0.to(device), progress=progress,
-                                       generator=generator(n) if callable(generator) else generator)
-        batch = {
-            "count": torch.tensor(float(x_0.shape[0]), dtype=torch.float64, device=device),
-            "total_bpd": result["total_bpd"].sum(),
-            "total_bpd_sq": (result["total_bpd"] ** 2).sum(),
-            "prior_bpd": result["prior_bpd"].sum(),
-            "terms_bpd": result["terms_bpd"].sum(0),
-            "mse": result["mse"].sum(0),
-        }
-        for name, value in batch.items():
-            sums[name] = sums.get(name, 0.0) + value
-    return sums
-
-
-def save_bpd(sums, logdir):
-    """Means over the images of bpd_sums' totals, as logdir/bpd.json and logdir/bpd.png.
-
-    The JSON holds num_images, total_bpd and its standard error, prior_bpd, and the per-t
-    means terms_bpd and mse (index t, 0-based); the PNG plots those two against t. Returns the
-    JSON's dict.
-    """
-    count = float(sums["count"])
-    means = {name: (value / count).cpu() for name, value in sums.items() if name != "count"}
-    total = means["total_bpd"].item()
-    variance = max(means["total_bpd_sq"].item() - total ** 2, 0.0)
-    summary = {
-        "num_images": int(count),
-        "total_bpd": total,
-        "total_bpd_stderr": math.sqrt(variance / count),
-        "prior_bpd": means["prior_bpd"].item(),
-        "terms_bpd": means["terms_bpd"].tolist(),
-        "mse": means["mse"].tolist(),
-    }
-    os.makedirs(logdir, exist_ok=True)
-    with open(os.path.join(logdir, "bpd.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    plot_per_t(os.path.join(logdir, "bpd.png"), [("VB term L_t (bits/dim)", summary["terms_bpd"]),
-                                                  ("x0_hat MSE", summary["mse"])])
-    return summary
-
-
-def plot_per_t(path, curves, width=480, height=320, margin=48):
-    """A minimal PIL line plot: one panel per (title, values), t on x, log10 of values on y."""
-    image = Image.new("RGB", (width * len(curves), height), "white")
-    draw = ImageDraw.Draw(image)
-    for panel, (title, values) in enumerate(curves):
-        logs = [math.log10(max(v, 1e-30)) for v in values]
-        low, high = min(logs), max(logs)
-        span = max(high - low, 1e-12)
-        left, top = panel * width + margin, margin // 2
-        right, bottom = (panel + 1) * width - margin // 2, height - margin
-        draw.rectangle((left, top, right, bottom), outline="black")
-        step = (right - left) / max(len(logs) - 1, 1)
-        draw.line([(left + n * step, bottom - (v - low) / span * (bottom - top))
-                   for n, v in enumerate(logs)], fill="blue", width=2)
-        draw.text((left, 4), f"{title}, log scale", fill="black")
-        draw.text((panel * width + 2, top), f"{10 ** high:.2g}", fill="black")
-        draw.text((panel * width + 2, bottom - 10), f"{10 ** low:.2g}", fill="black")
-        draw.text((left, bottom + 4), "t = 0", fill="black")
-        draw.text((right - 60, bottom + 4), f"t = {len(logs) - 1}", fill="black")
-    image.save(path)

@@ -1,29 +1,40 @@
 """The fast GPU path: bf16 autocast, channels_last, torch.compile (with CUDA graphs),
 fused Adam and the dataset held on the GPU. Each is a flag; left unset, a flag is on for
 CUDA and off for the CPU, where fp32 eager is the reference path."""
-import types
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-def settings(flags, device_type, world_size=1):
-    """The speed flags with 'auto' (None) resolved for this device."""
+@dataclass(frozen=True)
+class FastPath:
+    """The fast path's choices, each resolved to on or off for one device."""
+    bf16: bool
+    channels_last: bool
+    compile: bool
+    cuda_graphs: bool
+    fused_adam: bool
+    data_on_device: bool
+
+
+def resolve(fast, device_type, world_size=1):
+    """A FastPathConfig's settings with unset (None) resolved for this device: on for CUDA."""
     cuda = device_type == "cuda"
 
     def pick(value):
         return cuda if value is None else value
 
-    compile_ = pick(flags.compile)
-    return types.SimpleNamespace(
-        bf16=(flags.precision or ("bf16" if cuda else "fp32")) == "bf16",
-        channels_last=pick(flags.channels_last),
+    compile_ = pick(fast.compile)
+    return FastPath(
+        bf16=(fast.precision or ("bf16" if cuda else "fp32")) == "bf16",
+        channels_last=pick(fast.channels_last),
         compile=compile_,
         # CUDA graphs replay the whole step without Python; DDP's gradient hooks would
         # break the graph, so they are for one process.
-        cuda_graphs=compile_ and cuda and world_size == 1 and pick(flags.cuda_graphs),
-        fused_adam=cuda and pick(flags.fused_adam),
-        data_on_device=pick(flags.data_on_device),
+        cuda_graphs=compile_ and cuda and world_size == 1 and pick(fast.cuda_graphs),
+        fused_adam=cuda and pick(fast.fused_adam),
+        data_on_device=pick(fast.data_on_device),
     )
 
 
@@ -52,18 +63,18 @@ class FastModel(nn.Module):
         return out.float().contiguous()
 
 
-def to_layout(net, speed):
-    """Weights in the layout the fast path wants; call before wrapping in DDP or copying."""
-    return net.to(memory_format=torch.channels_last) if speed.channels_last else net
+def to_layout(net, path):
+    """Weights in the memory layout of a FastPath; call before wrapping in DDP or copying."""
+    return net.to(memory_format=torch.channels_last) if path.channels_last else net
 
 
-def fast(net, speed):
-    """net (a UNet, or its DDP wrapper) compiled and run under autocast."""
-    if speed.compile:
-        mode = "reduce-overhead" if speed.cuda_graphs else "default"
+def wrap(net, path):
+    """net (a UNet, or its DDP wrapper) compiled and run under autocast, as the FastPath says."""
+    if path.compile:
+        mode = "reduce-overhead" if path.cuda_graphs else "default"
         net = torch.compile(net, mode=mode, dynamic=False)
-    return FastModel(net, speed.bf16, speed.channels_last, speed.cuda_graphs)
+    return FastModel(net, path.bf16, path.channels_last, path.cuda_graphs)
 
 
-def adam(params, lr, speed):
-    return torch.optim.Adam(params, lr=lr, fused=True) if speed.fused_adam else torch.optim.Adam(params, lr=lr)
+def adam(params, lr, path):
+    return torch.optim.Adam(params, lr=lr, fused=True) if path.fused_adam else torch.optim.Adam(params, lr=lr)

@@ -1,91 +1,32 @@
 """The training loop: Algorithm 1 with Adam, warmup, clipping and an EMA of the weights.
 
-Every random draw of a step (data order, flips, timesteps, noise) comes from generators
-seeded by (--seed, step), for the global batch, which each process then slices. So a run
-is the same whatever the number of processes or micro-batches, and a resumed run continues
-exactly where the interrupted one stopped. Only dropout uses the per-process RNG, whose
-state the checkpoint keeps.
+A TrainState holds what a step changes and a checkpoint keeps; `train_step` is one optimizer
+step; `train` sets up, loops, logs, draws sample grids, evaluates and saves. Every random draw
+of a step comes from the streams of streams.py and the data order from batches.py, so a run is
+the same whatever the number of processes or micro-batches, and a resumed run continues exactly
+where the interrupted one stopped.
 """
 import contextlib
 import copy
 import os
-import random
-import signal
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tensorboardX import SummaryWriter
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import checkpoint
 import data
 import distributed
 import files
+import signals
 import speed
+from batches import GlobalBatchSampler, device_batches, loader_batches
+from builders import build_model, build_sampler, build_trainer
+from errors import UserError
 from reports import grid
-from builders import DATA_ORDER, SAMPLE_NOISE, TIMESTEP_NOISE, X_T, build_model, build_sampler, stream_seed
-from diffusion import GaussianDiffusionTrainer
-
-class GlobalBatchSampler(Sampler):
-    """This process's micro-batches of the global batches start, start + 1, ...
-
-    Global batch g is slice g % per_epoch of a permutation of the dataset drawn afresh for
-    each epoch g // per_epoch (the last incomplete batch of an epoch is dropped). Process r
-    takes the r-th of world_size equal parts and cuts it into accum_steps micro-batches.
-    """
-
-    def __init__(self, dataset_size, global_batch, world_size, rank, accum_steps, seed, start,
-                 device="cpu"):
-        self.per_epoch = dataset_size // global_batch
-        if self.per_epoch == 0:
-            raise data.DatasetError(f"the dataset has {dataset_size} images, fewer than one "
-                                    f"batch of {global_batch}")
-        self.size, self.global_batch = dataset_size, global_batch
-        self.world_size, self.rank, self.accum_steps = world_size, rank, accum_steps
-        self.seed, self.start, self.device = seed, start, device
-
-    def __iter__(self):
-        local = self.global_batch // self.world_size
-        epoch, order = None, None
-        for g in range(self.start, 2 ** 62):
-            if g // self.per_epoch != epoch:
-                epoch = g // self.per_epoch
-                order = torch.randperm(self.size, generator=torch.Generator().manual_seed(
-                    stream_seed(self.seed, DATA_ORDER, epoch))).to(self.device)
-            first = (g % self.per_epoch) * self.global_batch + self.rank * local
-            yield from order[first:first + local].chunk(self.accum_steps)
-
-
-def device_batches(images, batch_sampler):
-    """(batch, None) pairs cut from a dataset held whole on the device: no loader, no copies."""
-    for indices in batch_sampler:
-        yield data.from_stored(images[indices]), None
-
-
-def loader_batches(dataset, batch_sampler, flags, device):
-    loader = DataLoader(
-        dataset, num_workers=flags.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=flags.num_workers > 0,
-        # its own generator: creating the iterator must not draw from the dropout RNG
-        generator=torch.Generator().manual_seed(stream_seed(flags.seed, DATA_ORDER)),
-        batch_sampler=(indices.tolist() for indices in batch_sampler))
-    try:
-        for x, y in loader:
-            yield x.to(device, non_blocking=True), y
-    except data.DatasetError as error:
-        raise data.worker_error(error) from None
-
-
-def global_batch_draws(seed, step, global_batch, img_shape, T, device):
-    """Flip mask, timesteps and noise for the whole global batch of this step, drawn on
-    the device (seeding a generator there needs no synchronisation)."""
-    gen = torch.Generator(device).manual_seed(stream_seed(seed, TIMESTEP_NOISE, step))
-    flip = torch.rand(global_batch, generator=gen, device=device) < 0.5
-    t = torch.randint(T, (global_batch,), generator=gen, device=device)
-    noise = torch.randn((global_batch, *img_shape), generator=gen, device=device)
-    return flip, t, noise
+from streams import SAMPLE_NOISE, X_T, generator, rng_state, set_rng_state, step_draws, stream_seed
 
 
 def warmup_lr(warmup):
@@ -109,7 +50,7 @@ def ema_update(ema, net, weight):
         torch._foreach_lerp_(emas, nets, weight)
 
 
-def apply_gradients(net, ema, optimizer, scheduler, flags):
+def apply_gradients(net, ema, optimizer, scheduler, grad_clip, ema_decay):
     """Clip the gradient norm, take the Adam step on the warmup schedule, update the EMA.
 
     Returns `bad`, a device bool that is true when the gradient norm is not finite (a NaN or
@@ -124,42 +65,18 @@ def apply_gradients(net, ema, optimizer, scheduler, flags):
     skip on the device, so there `bad` is read on the host: free on the CPU, one
     synchronisation per step on CUDA with --nofused_adam.
     """
-    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), flags.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
     bad = ~torch.isfinite(norm)
     if optimizer.param_groups[0].get("fused"):
         optimizer.found_inf = bad.float()
         optimizer.step()
-        ema_update(ema, net, (1.0 - flags.ema_decay) * (~bad).float())
+        ema_update(ema, net, (1.0 - ema_decay) * (~bad).float())
     elif not bad.item():
         optimizer.step()
-        ema_update(ema, net, 1.0 - flags.ema_decay)
+        ema_update(ema, net, 1.0 - ema_decay)
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return bad
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss turned NaN or infinite more often than --max_bad_steps allows."""
-
-
-def rng_state():
-    """This process's RNG states as tensors and plain values, which weights_only loading reads."""
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    """Restores rng_state(), or the ndarray numpy state of checkpoints before it."""
-    random.setstate(state["python"])
-    name, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys).astype(np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def restore_schedule(optimizer, scheduler, optim_state, sched_state, lr, warmup, path):
@@ -181,181 +98,235 @@ def restore_schedule(optimizer, scheduler, optim_state, sched_state, lr, warmup,
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a number the loop checks (the signal's, 0 for none), so it
-    can checkpoint before exiting; the previous handlers come back on close()."""
+class NonFiniteLoss(UserError, RuntimeError):
+    """The loss turned NaN or infinite more often than --max_bad_steps allows."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.signum = 0
-        self.previous = {signum: signal.signal(signum, self.request) for signum in self.SIGNALS}
+@dataclass
+class TrainState:
+    """What a training step changes and a checkpoint keeps. step: optimizer steps taken;
+    x_T: the fixed noise of the training-time sample grids."""
+    net: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: int
+    x_T: torch.Tensor
 
-    def request(self, signum, frame):
-        self.signum = signum
+    def to_checkpoint(self, rngs, world_size):
+        """ckpt.pt's dict: the earlier port's keys plus every process's RNG states."""
+        return {"net_model": self.net.state_dict(), "ema_model": self.ema.state_dict(),
+                "optim": self.optimizer.state_dict(), "sched": self.scheduler.state_dict(),
+                "step": self.step, "x_T": self.x_T.cpu(), "rng": rngs, "world_size": world_size,
+                "layout": self.net.layout, "format_version": checkpoint.FORMAT_VERSION}
+
+    def restore(self, saved, path, training, rank, world_size):
+        """Continue from a loaded checkpoint, with this run's --lr and --warmup."""
+        checkpoint.load_weights(self.net, saved["net_model"], path)
+        checkpoint.load_weights(self.ema, saved["ema_model"], path)
+        restore_schedule(self.optimizer, self.scheduler, saved["optim"], saved["sched"], training.lr,
+                         training.warmup, path)
+        self.step, self.x_T = int(saved["step"]), saved["x_T"]
+        if len(saved.get("rng", [])) == world_size:
+            set_rng_state(saved["rng"][rank])
+
+
+def initial_state(config, fast, device, path, rank, world_size):
+    """A fresh TrainState, or with --resume the one saved at path."""
+    saved = checkpoint.load(path, checkpoint.TRAINING_KEYS) if config.actions.resume else None
+    layout = checkpoint.layout_of(saved, path, config.model.layout) if saved else None
+    net = speed.to_layout(build_model(config.model, config.diffusion, layout).to(device), fast)
+    optimizer = speed.adam(net.parameters(), config.training.lr, fast)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=warmup_lr(config.training.warmup))
+    x_T = torch.randn((config.training.sample_size, *image_shape(config.model)),
+                      generator=generator("cpu", config.run.seed, X_T))
+    state = TrainState(net, copy.deepcopy(net).eval().requires_grad_(False), optimizer, scheduler, 0, x_T)
+    if saved is not None:
+        state.restore(saved, path, config.training, rank, world_size)
+    state.x_T = state.x_T.to(device)
+    return state
+
+
+def image_shape(model):
+    return (model.img_channels, model.img_size, model.img_size)
+
+
+class BadSteps:
+    """Steps whose loss was not finite, counted on the device (see apply_gradients), and the
+    step that went past --max_bad_steps; read only at log steps and before saves."""
+
+    def __init__(self, limit, device):
+        self.limit, self.reported = limit, 0
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.over_at = torch.zeros((), dtype=torch.long, device=device)
+
+    def add(self, bad, step):
+        self.count += bad
+        self.over_at = torch.where(bad & (self.count == self.limit + 1), step, self.over_at)
+
+    def check(self, path, saved_step, say=None):
+        """NonFiniteLoss past the limit, naming what became of the checkpoint at path (saved at
+        saved_step, None: never); say(line) when new ones were skipped."""
+        count = int(self.count)
+        if count > self.limit:
+            kept = (f"{path} (step {saved_step}) is left as it was" if saved_step is not None
+                    else "no checkpoint was written")
+            raise NonFiniteLoss(f"the loss is not finite at step {int(self.over_at)}: training stopped, "
+                                f"that step's update was not applied and {kept} "
+                                f"({count} non-finite step(s); --max_bad_steps {self.limit})")
+        if count > self.reported and say is not None:
+            say(f"skipped {count} step(s) whose loss was not finite so far (--max_bad_steps {self.limit})")
+        self.reported = count
+
+
+def train_step(state, trainer, ddp_net, batches, config, rank, world_size):
+    """One optimizer step on global batch number state.step, in --accum_steps micro-batches
+    of this process's share. Returns the sum of the micro-batches' mean losses and `bad`
+    (apply_gradients), both on the device."""
+    training, accum = config.training, config.training.accum_steps
+    micro_batch = training.batch_size // (world_size * accum)
+    flip, t, noise = step_draws(config.run.seed, state.step, training.batch_size, image_shape(config.model),
+                                config.diffusion.T, state.x_T.device)
+    loss_sum = 0.0
+    for micro in range(accum):
+        x_0, _ = next(batches)
+        part = slice((rank * accum + micro) * micro_batch, (rank * accum + micro + 1) * micro_batch)
+        if data.default_flip(config.data.dataset):
+            x_0 = torch.where(flip[part, None, None, None], x_0.flip(-1), x_0)
+        # DDP averages gradients across processes on the last micro-batch only
+        last = micro == accum - 1
+        with ddp_net.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
+            loss = trainer(x_0, t[part], noise[part]).mean()
+            (loss / accum).backward()
+        loss_sum = loss_sum + loss.detach()
+    bad = apply_gradients(state.net, state.ema, state.optimizer, state.scheduler, training.grad_clip,
+                          training.ema_decay)
+    state.step += 1
+    return loss_sum, bad
+
+
+def training_batches(config, dataset, fast, start, rank, world_size, device):
+    """This process's micro-batches from global batch `start` on: cut from the dataset held on
+    the device (--data_on_device), or read by loader workers."""
+    # encoded images (folders, LSUN) only when asked: decoding them all costs a pass at each start
+    stored = data.as_tensor(dataset, device, decode=config.fast.data_on_device is True,
+                            num_workers=config.data.num_workers) if fast.data_on_device else None
+    order = GlobalBatchSampler(len(dataset), config.training.batch_size, world_size, rank,
+                               config.training.accum_steps, config.run.seed, start,
+                               device if stored is not None else "cpu")
+    if stored is not None:
+        return device_batches(stored.to(device), order)
+    return loader_batches(dataset, order, config.data.num_workers, config.run.seed, device)
+
+
+class Logs:
+    """The main process's outputs while training: the tqdm bar, TensorBoard, sample grids; other
+    processes hold a silent one. The loss is averaged over processes at each log step."""
+
+    def __init__(self, config, dataset, state, is_main):
+        self.logdir, self.is_main = config.run.logdir, is_main
+        self.progress = tqdm(total=config.training.total_steps, initial=state.step, disable=not is_main,
+                             dynamic_ncols=True)
+        self.writer = SummaryWriter(self.logdir) if is_main else None
+        self.loss_sum, self.loss_count = 0.0, 0
+        if is_main:
+            os.makedirs(os.path.join(self.logdir, "sample"), exist_ok=True)
+            if state.step == 0:
+                size = min(config.training.sample_size, len(dataset))
+                self.writer.add_image("real_sample", grid(torch.stack([dataset[i][0] for i in range(size)])), 0)
+
+    def add_loss(self, loss_sum, count):
+        self.loss_sum, self.loss_count = self.loss_sum + loss_sum, self.loss_count + count
+
+    def report_loss(self, step, lr):
+        loss = distributed.all_reduce_mean(self.loss_sum / self.loss_count).item()
+        self.loss_sum, self.loss_count = 0.0, 0
+        if self.is_main:
+            self.progress.set_postfix(loss=f"{loss:.4f}")
+            self.writer.add_scalar("loss", loss, step)
+            self.writer.add_scalar("lr", lr, step)
+
+    def sample_grid(self, images, step):
+        files.save_png(grid(images), os.path.join(self.logdir, "sample", f"{step}.png"))
+        self.writer.add_image("sample", grid(images), step)
 
     def close(self):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+        self.progress.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
-def train(flags, device_type):
-    """Train as the flags say; returns the number of the signal that stopped it, else 0."""
+def save(state, bad_steps, path, saved_step, world_size, is_main):
+    """Check for NaN (none may reach a checkpoint), gather the RNG states, write ckpt.pt."""
+    bad_steps.check(path, saved_step)
+    rngs = distributed.gather_objects(rng_state())
+    if is_main:
+        checkpoint.save(path, state.to_checkpoint(rngs, world_size))
+    return state.step
+
+
+def train(config, device_type):
+    """Train as the configuration says; returns the number of the signal that stopped it, else 0."""
     import evaluate  # evaluation during training
     device = distributed.local_device(device_type)
     rank, world_size = distributed.rank(), distributed.world_size()
-    is_main = rank == 0
-    torch.manual_seed(stream_seed(flags.seed, rank))  # dropout; restored on resume
-    micro_batch = flags.batch_size // (world_size * flags.accum_steps)
-    img_shape = (flags.img_channels, flags.img_size, flags.img_size)
-
-    dataset = data.build_dataset(flags.dataset, flags.data_root, flags.img_size, train=True,
-                                 flip=False, channels=flags.img_channels)
-    random_flip = data.default_flip(flags.dataset)
-
-    ckpt_path = os.path.join(flags.logdir, "ckpt.pt")
-    state = checkpoint.load(ckpt_path, checkpoint.TRAINING_KEYS) if flags.resume else None
-    layout = checkpoint.layout_of(state, ckpt_path, flags.layout) if flags.resume else None
-    fast = speed.settings(flags, device_type, world_size)
-    net = speed.to_layout(build_model(flags, layout).to(device), fast)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = speed.adam(net.parameters(), flags.lr, fast)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=warmup_lr(flags.warmup))
-    x_T = torch.randn((flags.sample_size, *img_shape),
-                      generator=torch.Generator().manual_seed(stream_seed(flags.seed, X_T)))
-    start = 0
-    if flags.resume:
-        checkpoint.load_weights(net, state["net_model"], ckpt_path)
-        checkpoint.load_weights(ema, state["ema_model"], ckpt_path)
-        restore_schedule(optimizer, scheduler, state["optim"], state["sched"], flags.lr, flags.warmup,
-                         ckpt_path)
-        start, x_T = int(state["step"]), state["x_T"]
-        if len(state.get("rng", [])) == world_size:
-            set_rng_state(state["rng"][rank])
-    x_T = x_T.to(device)
-
-    ddp_net = DistributedDataParallel(net) if world_size > 1 else net
-    trainer = GaussianDiffusionTrainer(speed.fast(ddp_net, fast), flags.beta_1, flags.beta_T, flags.T,
-                                       flags.mean_type, flags.loss_type, flags.var_type).to(device)
-    ema_sampler = build_sampler(flags, speed.fast(ema, fast)).to(device)
-
-    # encoded images (folders, LSUN) only when asked: decoding them all costs a pass at each start
-    stored = data.as_tensor(dataset, device, decode=flags.data_on_device is True,
-                            num_workers=flags.num_workers) if fast.data_on_device else None
-    batch_sampler = GlobalBatchSampler(len(dataset), flags.batch_size, world_size, rank, flags.accum_steps,
-                                       flags.seed, start, device if stored is not None else "cpu")
-    if stored is not None:
-        batches = device_batches(stored.to(device), batch_sampler)
-    else:
-        batches = loader_batches(dataset, batch_sampler, flags, device)
-
-    writer = SummaryWriter(flags.logdir) if is_main else None
-    if is_main:
-        os.makedirs(os.path.join(flags.logdir, "sample"), exist_ok=True)
-        if start == 0:
-            real = torch.stack([dataset[i][0] for i in range(min(flags.sample_size, len(dataset)))])
-            writer.add_image("real_sample", grid(real), 0)
-
-    stop = StopRequest()
-    # Steps whose loss was not finite, counted on the device (see apply_gradients), and the
-    # step that went past --max_bad_steps; read only at log steps and before saves.
-    bad_steps = torch.zeros((), dtype=torch.long, device=device)
-    over_at = torch.zeros((), dtype=torch.long, device=device)
-    reported_bad, saved_step = 0, start if flags.resume else None
-
-    def check_finite():
-        nonlocal reported_bad
-        count = int(bad_steps)
-        if count > flags.max_bad_steps:
-            kept = (f"{ckpt_path} (step {saved_step}) is left as it was" if saved_step is not None
-                    else "no checkpoint was written")
-            raise NonFiniteLoss(f"the loss is not finite at step {int(over_at)}: training stopped, "
-                                f"that step's update was not applied and {kept} "
-                                f"({count} non-finite step(s); --max_bad_steps {flags.max_bad_steps})")
-        if count > reported_bad and is_main:
-            progress.write(f"skipped {count} step(s) whose loss was not finite so far "
-                           f"(--max_bad_steps {flags.max_bad_steps})")
-        reported_bad = count
-
-    def save(step):
-        nonlocal saved_step
-        check_finite()
-        rngs = distributed.gather_objects(rng_state())
-        saved_step = step
-        if is_main:
-            checkpoint.save(ckpt_path, {
-                "net_model": net.state_dict(), "ema_model": ema.state_dict(),
-                "optim": optimizer.state_dict(), "sched": scheduler.state_dict(),
-                "step": step, "x_T": x_T.cpu(), "rng": rngs, "world_size": world_size,
-                "layout": net.layout, "format_version": checkpoint.FORMAT_VERSION})
-
-    def sample(step):
-        if is_main:
-            images = ema_sampler(x_T, generator=torch.Generator(device).manual_seed(
-                stream_seed(flags.seed, SAMPLE_NOISE)))
-            files.save_png(grid(images), os.path.join(flags.logdir, "sample", f"{step}.png"))
-            writer.add_image("sample", grid(images), step)
-        distributed.barrier()
-
-    evaluator = evaluate.make_evaluator(flags, device) if flags.eval_step > 0 else None
-    loss_sum, loss_count = torch.zeros((), device=device), 0
+    is_main, training, logdir = rank == 0, config.training, config.run.logdir
+    fast = speed.resolve(config.fast, device_type, world_size)
+    torch.manual_seed(stream_seed(config.run.seed, rank))  # dropout; restored on resume
+    dataset = data.build_dataset(config.data.dataset, config.data.data_root, config.model.img_size, train=True,
+                                 flip=False, channels=config.model.img_channels)
+    ckpt_path = os.path.join(logdir, "ckpt.pt")
+    state = initial_state(config, fast, device, ckpt_path, rank, world_size)
+    saved_step = state.step if config.actions.resume else None
+    ddp_net = DistributedDataParallel(state.net) if world_size > 1 else state.net
+    trainer = build_trainer(speed.wrap(ddp_net, fast), config.diffusion).to(device)
+    ema_net, sampler = speed.wrap(state.ema, fast), build_sampler(config.sampling, config.diffusion).to(device)
+    batches = training_batches(config, dataset, fast, state.step, rank, world_size, device)
+    evaluator = evaluate.make_evaluator(config, device) if config.eval.eval_step > 0 else None
+    bad_steps, stop, logs = BadSteps(training.max_bad_steps, device), signals.StopRequest(), None
     stopping = 0
-    progress = tqdm(total=flags.total_steps, initial=start, disable=not is_main, dynamic_ncols=True)
     try:  # the bar ends its line and the signal handlers go back, whatever ends the loop
-        net.train()
-        for step in range(start + 1, flags.total_steps + 1):
-            # One optimizer step consumes global batch number step - 1.
-            flip, t, noise = global_batch_draws(flags.seed, step - 1, flags.batch_size, img_shape, flags.T,
-                                                device)
-            for micro in range(flags.accum_steps):
-                x_0, _ = next(batches)
-                part = slice((rank * flags.accum_steps + micro) * micro_batch,
-                             (rank * flags.accum_steps + micro + 1) * micro_batch)
-                if random_flip:
-                    x_0 = torch.where(flip[part, None, None, None], x_0.flip(-1), x_0)
-                last = micro == flags.accum_steps - 1
-                # DDP averages gradients across processes on the last micro-batch only
-                with ddp_net.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
-                    loss = trainer(x_0, t[part], noise[part]).mean()
-                    (loss / flags.accum_steps).backward()
-                loss_sum += loss.detach()
-                loss_count += 1
-            bad = apply_gradients(net, ema, optimizer, scheduler, flags)
-            bad_steps += bad
-            over_at = torch.where(bad & (bad_steps == flags.max_bad_steps + 1), step, over_at)
-            progress.update(1)
-
-            if step % flags.log_step == 0 or step == flags.total_steps:
-                check_finite()
-                loss_mean = distributed.all_reduce_mean(loss_sum / loss_count).item()
-                loss_sum.zero_()
-                loss_count = 0
+        logs = Logs(config, dataset, state, is_main)
+        state.net.train()
+        while state.step < training.total_steps and not stopping:
+            loss_sum, bad = train_step(state, trainer, ddp_net, batches, config, rank, world_size)
+            step = state.step
+            bad_steps.add(bad, step)
+            logs.add_loss(loss_sum, training.accum_steps)
+            logs.progress.update(1)
+            if step % training.log_step == 0 or step == training.total_steps:
+                bad_steps.check(ckpt_path, saved_step, logs.progress.write if is_main else None)
+                logs.report_loss(step, state.scheduler.get_last_lr()[0])
+            if training.sample_step > 0 and step % training.sample_step == 0:
                 if is_main:
-                    progress.set_postfix(loss=f"{loss_mean:.4f}")
-                    writer.add_scalar("loss", loss_mean, step)
-                    writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-            if flags.sample_step > 0 and step % flags.sample_step == 0:
-                sample(step)
-            if flags.eval_step > 0 and step % flags.eval_step == 0:
-                evaluate.evaluate_during_training(flags, evaluator, ema_sampler, step, writer)
+                    logs.sample_grid(sampler(ema_net, state.x_T, generator=generator(
+                        device, config.run.seed, SAMPLE_NOISE)), step)
+                distributed.barrier()
+            if config.eval.eval_step > 0 and step % config.eval.eval_step == 0:
+                evaluate.evaluate_during_training(config, evaluator, sampler, ema_net, step, logs.writer)
             # the signal's number (0: none), agreed by every process at log steps
             stopping = stop.signum if world_size == 1 else (
-                step % flags.log_step == 0 and distributed.max_over_ranks(stop.signum, device))
-            if (flags.save_step > 0 and step % flags.save_step == 0) or step == flags.total_steps or stopping:
-                save(step)
-            if stopping:
-                distributed.barrier()  # no process leaves before rank 0 has written the checkpoint
-                if is_main:
-                    progress.write(f"stopped by {signal.Signals(stopping).name} at step {step}: checkpoint "
-                                   "saved (continue with --resume), nothing else runs")
-                break
+                step % training.log_step == 0 and distributed.max_over_ranks(stop.signum, device))
+            if (training.save_step > 0 and step % training.save_step == 0) or step == training.total_steps \
+                    or stopping:
+                saved_step = save(state, bad_steps, ckpt_path, saved_step, world_size, is_main)
     finally:
-        progress.close()
         stop.close()
-    if writer is not None:
-        writer.close()
-    if is_main and not stopping:
-        grids = f", sample grids in {os.path.join(flags.logdir, 'sample')}/" if flags.sample_step > 0 else ""
-        print(f"wrote {ckpt_path} (step {flags.total_steps}){grids}; TensorBoard: "
-              f"tensorboard --logdir {flags.logdir}")
+        if logs is not None:
+            logs.close()
+    return finish(config, ckpt_path, stopping, state.step, is_main)
+
+
+def finish(config, ckpt_path, stopping, step, is_main):
+    """The closing line of a training run; the stop signal's number, else 0."""
+    logdir = config.run.logdir
+    if stopping:
+        distributed.barrier()  # no process leaves before rank 0 has written the checkpoint
+        if is_main:
+            print(f"stopped by {signals.name(stopping)} at step {step}: checkpoint saved (continue with "
+                  "--resume), nothing else runs")
+    elif is_main:
+        grids = f", sample grids in {os.path.join(logdir, 'sample')}/" if config.training.sample_step > 0 else ""
+        print(f"wrote {ckpt_path} (step {config.training.total_steps}){grids}; TensorBoard: "
+              f"tensorboard --logdir {logdir}")
     return stopping

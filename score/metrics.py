@@ -10,10 +10,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from errors import UserError
+
 IS_SPLITS = 10  # Inception Score: mean and std over this many equal parts (Salimans et al.)
 
 
-class ScoreError(RuntimeError):
+class ScoreError(UserError, RuntimeError):
     """A missing or unusable input to scoring; the message says how to fix it."""
 
 

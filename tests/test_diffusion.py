@@ -1,16 +1,23 @@
-"""The Gaussian diffusion against independent float64 recomputations and closed forms."""
+"""The noise schedules and the Gaussian diffusion against independent float64
+recomputations, closed forms and a second library (diffusers)."""
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from diffusion import GaussianDiffusion, GaussianDiffusionSampler, GaussianDiffusionTrainer
+from diffusion import (BETA_SCHEDULES, GaussianDiffusion, GaussianDiffusionSampler,
+                       GaussianDiffusionTrainer, beta_schedule)
 
 BETA_1, BETA_T, T = 1e-4, 0.02, 1000
+BETAS = beta_schedule("linear", BETA_1, BETA_T, T)
 
 
-def reference_schedule(beta_1=BETA_1, beta_T=BETA_T, steps=T):
-    """Ho et al. 2020 eqs. 4, 6, 7, written out in numpy float64, one step at a time."""
-    betas = np.linspace(beta_1, beta_T, steps)
+def reference_schedule(beta_1=BETA_1, beta_T=BETA_T, steps=T, betas=None):
+    """Ho et al. 2020 eqs. 4, 6, 7, written out in numpy float64, one step at a time, for the
+    linear schedule or the betas given."""
+    betas = np.linspace(beta_1, beta_T, steps) if betas is None else betas
+    steps = len(betas)
     abar, abar_prev = np.empty(steps), np.empty(steps)
     running = 1.0
     for t in range(steps):
@@ -25,7 +32,99 @@ def reference_schedule(beta_1=BETA_1, beta_T=BETA_T, steps=T):
 
 @pytest.fixture(scope="module")
 def diffusion():
-    return GaussianDiffusion(BETA_1, BETA_T, T)
+    return GaussianDiffusion(BETAS)
+
+
+def official_schedule(name, beta_1, beta_T, steps):
+    """get_beta_schedule of the official diffusion_utils_2.py, and the cosine schedule of
+    Nichol & Dhariwal eq. 17 one step at a time, in numpy / Python float64."""
+    if name == "linear":
+        return np.linspace(beta_1, beta_T, steps, dtype=np.float64)
+    if name == "quad":
+        return np.linspace(beta_1 ** 0.5, beta_T ** 0.5, steps, dtype=np.float64) ** 2
+    if name == "const":
+        return beta_T * np.ones(steps, dtype=np.float64)
+    if name == "jsd":
+        return 1.0 / np.linspace(steps, 1, steps, dtype=np.float64)
+    if name in ("warmup10", "warmup50"):
+        betas = beta_T * np.ones(steps, dtype=np.float64)
+        warmup = int(steps * {"warmup10": 0.1, "warmup50": 0.5}[name])
+        betas[:warmup] = np.linspace(beta_1, beta_T, warmup, dtype=np.float64)
+        return betas
+
+    def alpha_bar(t):
+        return math.cos((t / steps + 0.008) / 1.008 * math.pi / 2) ** 2 / math.cos(0.008 / 1.008 * math.pi / 2) ** 2
+
+    return np.array([min(1 - alpha_bar(t + 1) / alpha_bar(t), 0.999) for t in range(steps)])
+
+
+@pytest.mark.parametrize("name", BETA_SCHEDULES)
+@pytest.mark.parametrize("beta_1,beta_T,steps", [(1e-4, 0.02, 1000), (1e-3, 0.3, 37), (0.05, 0.05, 5), (0.01, 0.2, 1)])
+def test_every_schedule_is_the_official_one(name, beta_1, beta_T, steps):
+    ours = beta_schedule(name, beta_1, beta_T, steps)
+    assert ours.dtype == torch.float64 and ours.shape == (steps,)
+    reference = official_schedule(name, beta_1, beta_T, steps)
+    # linspace in torch and numpy round differently by an ulp; the cosine's 1 - ratio loses
+    # a few digits at small beta (beta_0 ~ 4e-5 at T = 1000)
+    np.testing.assert_allclose(ours.numpy(), reference, rtol=1e-10 if name == "cosine" else 1e-14, atol=0)
+    assert ((ours > 0) & (ours <= 1)).all()
+
+
+def test_the_linear_default_is_bit_for_bit_the_former_schedule():
+    """The schedule every trained checkpoint has: torch.linspace in float64, unchanged."""
+    former = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    assert torch.equal(beta_schedule("linear", 1e-4, 0.02, 1000), former)
+    assert torch.equal(GaussianDiffusion(BETAS).betas, former)
+    assert torch.equal(GaussianDiffusionSampler(BETAS).betas, former)
+
+
+@pytest.mark.parametrize("steps", [1000, 4000, 50])
+def test_cosine_schedule_equals_diffusers_squaredcos_cap_v2(steps):
+    """diffusers builds the same betas in Python floats and stores them in float32: ours,
+    float64, must round to theirs (within one float32 ulp)."""
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", num_train_timesteps=steps).betas
+    assert theirs.dtype == torch.float32
+    ours = beta_schedule("cosine", BETA_1, BETA_T, steps)
+    torch.testing.assert_close(ours, theirs.double(), rtol=2.0 ** -23, atol=0)
+    assert ours[-1] == 0.999 and ours[:-1].max() < 0.999  # the cap binds at the last step alone
+    # abar(T - 1) of the paper, kept by the cumulative product, is f(T - 1) / f(0)
+    alphas_bar = torch.cumprod(1.0 - ours, 0)
+    f = torch.cos((torch.tensor([0.0, (steps - 1) / steps], dtype=torch.float64) + 0.008) / 1.008 * math.pi / 2) ** 2
+    torch.testing.assert_close(alphas_bar[-2], f[1] / f[0], rtol=1e-10, atol=0)
+
+
+def test_bad_schedule_arguments_raise_one_line_in_flag_terms():
+    cases = [(("sigmoid", BETA_1, BETA_T, T), "unknown --beta_schedule 'sigmoid': expected one of "
+                                             "linear, quad, const, jsd, warmup10, warmup50, cosine"),
+             (("linear", 0.02, 1e-4, T), "need 0 < --beta_1 <= --beta_T < 1, got 0.02 and 0.0001"),
+             (("quad", 0.0, BETA_T, T), "need 0 < --beta_1 <= --beta_T < 1"),
+             (("warmup10", BETA_1, 1.0, T), "need 0 < --beta_1 <= --beta_T < 1"),
+             (("const", BETA_1, 1.5, T), "need 0 < --beta_T < 1, got 1.5"),
+             (("cosine", BETA_1, BETA_T, 0), "--T must be at least 1 diffusion step, got 0")]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            beta_schedule(*args)
+        assert "\n" not in str(error.value)
+    # the schedules that take no beta_1 or beta_T ignore them; const ignores beta_1
+    assert torch.equal(beta_schedule("cosine", 0.5, 0.1, 10), beta_schedule("cosine", BETA_1, BETA_T, 10))
+    assert torch.equal(beta_schedule("jsd", 2.0, -1.0, 10), beta_schedule("jsd", BETA_1, BETA_T, 10))
+    assert torch.equal(beta_schedule("const", 0.5, 0.1, 10), torch.full((10,), 0.1, dtype=torch.float64))
+    for betas in (torch.tensor([0.1, 1.5]), torch.tensor([0.0, 0.1]), torch.zeros(0), torch.full((2, 2), 0.1)):
+        with pytest.raises(ValueError, match="0 < beta_t <= 1"):
+            GaussianDiffusion(betas)
+
+
+@pytest.mark.parametrize("name", ["cosine", "quad", "warmup50"])
+def test_any_schedule_gives_the_same_posterior_formulas(name):
+    """The coefficients follow the schedule given, not the linear one: eqs. 4-7 again."""
+    betas = beta_schedule(name, 1e-3, 0.05, 200)
+    ref = reference_schedule(betas=betas.numpy())
+    ours = GaussianDiffusion(betas)
+    np.testing.assert_allclose(ours.alphas_bar.numpy(), ref["abar"], rtol=1e-12)
+    np.testing.assert_allclose(ours.posterior_mean_coef1.numpy(), ref["c1"], rtol=1e-12)
+    np.testing.assert_allclose(ours.posterior_mean_coef2.numpy(), ref["c2"], rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(ours.posterior_var.numpy(), ref["post_var"], rtol=1e-12, atol=1e-300)
 
 
 def test_schedule_and_posterior_coefficients(diffusion):
@@ -113,7 +212,7 @@ def test_loss_is_zero_for_the_true_target(mean_type):
         np.testing.assert_allclose(x_t_seen.double().numpy(), x_t, atol=1e-5)
         return torch.from_numpy(target).float()
 
-    trainer = GaussianDiffusionTrainer(Recorder(true_target), BETA_1, BETA_T, T, mean_type)
+    trainer = GaussianDiffusionTrainer(Recorder(true_target), BETAS, mean_type)
     loss = trainer(x_0, t=t, noise=noise)
     assert loss.shape == x_0.shape
     assert loss.max() < 1e-12
@@ -174,11 +273,10 @@ def test_sampler_is_exact_for_gaussian_data(mean_type, var_type):
     # alone: the recursion puts it within 2.5% of s (fixedsmall 0.1963, fixedlarge 0.2009).
     assert abs(exact_mean - m) < 1e-5 and abs(exact_std - s) < 0.025 * s
 
-    sampler = GaussianDiffusionSampler(gaussian_oracle(m, s, mean_type), BETA_1, BETA_T, T,
-                                       img_size=1, mean_type=mean_type, var_type=var_type)
+    sampler = GaussianDiffusionSampler(BETAS, mean_type=mean_type, var_type=var_type)
     generator = torch.Generator().manual_seed(3)
     x_T = torch.randn(n, 1, 1, 1, generator=generator, dtype=torch.float64)
-    x_0 = sampler(x_T, generator=generator)
+    x_0 = sampler(gaussian_oracle(m, s, mean_type), x_T, generator=generator)
     # five standard errors: s / sqrt(n) for the mean, s / sqrt(2n) for the std
     assert abs(x_0.mean().item() - exact_mean) < 5 * s / np.sqrt(n)
     assert abs(x_0.std().item() - exact_std) < 5 * s / np.sqrt(2 * n)
@@ -186,11 +284,11 @@ def test_sampler_is_exact_for_gaussian_data(mean_type, var_type):
 
 def test_sampling_is_reproducible_with_a_generator():
     model = Recorder(lambda x_t, t: 0.1 * x_t)
-    sampler = GaussianDiffusionSampler(model, BETA_1, BETA_T, 50, img_size=4)
+    sampler = GaussianDiffusionSampler(beta_schedule("linear", BETA_1, BETA_T, 50))
     x_T = torch.randn(2, 3, 4, 4)
-    first = sampler(x_T, generator=torch.Generator().manual_seed(7))
-    again = sampler(x_T, generator=torch.Generator().manual_seed(7))
-    other = sampler(x_T, generator=torch.Generator().manual_seed(8))
+    first = sampler(model, x_T, generator=torch.Generator().manual_seed(7))
+    again = sampler(model, x_T, generator=torch.Generator().manual_seed(7))
+    other = sampler(model, x_T, generator=torch.Generator().manual_seed(8))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     assert first.min() >= -1 and first.max() <= 1
@@ -199,8 +297,8 @@ def test_sampling_is_reproducible_with_a_generator():
 def test_unknown_types_are_refused():
     model = Recorder(lambda x_t, t: x_t)
     with pytest.raises(ValueError, match="unknown mean_type 'eps': expected one of xprev, xstart, epsilon"):
-        GaussianDiffusionTrainer(model, BETA_1, BETA_T, T, mean_type="eps")
+        GaussianDiffusionTrainer(model, BETAS, mean_type="eps")
     with pytest.raises(ValueError, match="unknown mean_type"):
-        GaussianDiffusionSampler(model, BETA_1, BETA_T, T, mean_type="x0")
+        GaussianDiffusionSampler(BETAS, mean_type="x0")
     with pytest.raises(ValueError, match="unknown var_type 'large': expected one of fixedlarge, fixedsmall"):
-        GaussianDiffusionSampler(model, BETA_1, BETA_T, T, var_type="large")
+        GaussianDiffusionSampler(BETAS, var_type="large")

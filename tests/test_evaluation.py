@@ -18,7 +18,7 @@ import torch
 
 import builders
 import checkpoint
-from diffusion import GaussianDiffusionSampler
+from diffusion import GaussianDiffusionSampler, beta_schedule
 from score import Evaluator
 from score.metrics import to_uint8
 from test_main import ROOT, TINY, run_main
@@ -37,13 +37,13 @@ def trained(tmp_path_factory):
 def all_at_once(logdir, num_images=NUM_IMAGES, batch=BATCH, seed=0):
     """Scores and samples of the EMA model as the pre-streaming --eval computed them."""
     net = checkpoint.load_model(logdir)
-    sampler = GaussianDiffusionSampler(net, 1e-4, 0.02, 20, img_size=8)  # TINY's T and the full chain
+    sampler = GaussianDiffusionSampler(beta_schedule("linear", 1e-4, 0.02, 20))  # TINY's T and the full chain
     images = []
     with torch.no_grad():
         for i in range(math.ceil(num_images / batch)):
             generator = torch.Generator().manual_seed(builders.stream_seed(seed, builders.EVAL_NOISE, i))
             x_T = torch.randn((min(batch, num_images - i * batch), 1, 8, 8), generator=generator)
-            images.append((sampler(x_T, generator=generator) + 1) / 2)
+            images.append((sampler(net, x_T, generator=generator) + 1) / 2)
     images = torch.cat(images)
     evaluator = Evaluator("digits")
     return evaluator.score(*evaluator.features(images)), images

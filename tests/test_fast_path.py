@@ -15,7 +15,7 @@ import torch
 
 import speed
 import train
-from diffusion import GaussianDiffusionSampler
+from diffusion import GaussianDiffusionSampler, beta_schedule
 from test_main import TINY
 from test_speed import settings, tiny_unet
 
@@ -128,9 +128,8 @@ def test_compiled_sampler_is_not_recompiled_across_steps(compile_calls):
     """A 10-step strided sampler calls the network with ten different timesteps: still one
     graph (a timestep baked in as a constant would recompile at every step)."""
     fast = settings(compile=True)
-    sampler = GaussianDiffusionSampler(speed.fast(tiny_unet().eval(), fast), 1e-4, 0.02, 1000,
-                                       img_size=8, sample_steps=10)
-    sampler(torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    sampler = GaussianDiffusionSampler(beta_schedule("linear", 1e-4, 0.02, 1000), sample_steps=10)
+    sampler(speed.fast(tiny_unet().eval(), fast), torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
     (call,) = compile_calls
     assert call.backend.compiled == 1 and call.backend.calls == 10
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import speed
-from diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer
+from diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer, beta_schedule
 from model import UNet
 
 pytestmark = [pytest.mark.gpu,
@@ -37,7 +37,7 @@ def paper_unet():
 def loss_and_grads(fast, steps=3):
     """The last of `steps` identical steps (the first ones compile and capture graphs)."""
     net = speed.to_layout(paper_unet(), fast)
-    trainer = GaussianDiffusionTrainer(speed.fast(net, fast), 1e-4, 0.02, 1000).cuda()
+    trainer = GaussianDiffusionTrainer(speed.fast(net, fast), beta_schedule("linear", 1e-4, 0.02, 1000)).cuda()
     generator = torch.Generator("cuda").manual_seed(1)
     x_0 = torch.rand(128, 3, 32, 32, generator=generator, device="cuda") * 2 - 1
     t = torch.randint(1000, (128,), generator=generator, device="cuda")
@@ -67,8 +67,8 @@ def test_fast_sampler_matches_fp32_given_the_same_noise():
     for name, fast in [("fp32", settings(precision="fp32", compile=False, channels_last=False)),
                        ("fast", settings())]:
         model = speed.fast(speed.to_layout(net, fast), fast)
-        sampler = GaussianDiffusionSampler(model, 1e-4, 0.02, 1000, sample_steps=100).cuda()
-        images[name] = sampler(x_T, generator=torch.Generator("cuda").manual_seed(3))
+        sampler = GaussianDiffusionSampler(beta_schedule("linear", 1e-4, 0.02, 1000), sample_steps=100).cuda()
+        images[name] = sampler(model, x_T, generator=torch.Generator("cuda").manual_seed(3))
     difference = (images["fast"] - images["fp32"]).abs()
     assert difference.mean() < 0.01 and difference.max() < 0.2
 
@@ -96,7 +96,7 @@ def new_batches(steps, generator, batch=128):
 def gradients_per_step(fast, batches):
     """The loss and gradients of each batch, taken (copied) right after its backward pass."""
     net = speed.to_layout(paper_unet(), fast)
-    trainer = GaussianDiffusionTrainer(speed.fast(net, fast), 1e-4, 0.02, 1000).cuda()
+    trainer = GaussianDiffusionTrainer(speed.fast(net, fast), beta_schedule("linear", 1e-4, 0.02, 1000)).cuda()
     results = []
     for x_0, t, noise in batches:
         loss = trainer(x_0, t, noise).mean()
@@ -136,15 +136,14 @@ def test_cuda_graph_sampler_on_new_inputs_matches_eager_step_for_step():
     runs = {}
     for name, fast in [("eager", settings(precision="fp32", compile=False, channels_last=False)),
                        ("graphs", settings())]:
-        sampler = GaussianDiffusionSampler(speed.fast(speed.to_layout(net, fast), fast), 1e-4, 0.02, 1000,
-                                           sample_steps=20).cuda()
+        model = speed.fast(speed.to_layout(net, fast), fast)
+        sampler = GaussianDiffusionSampler(beta_schedule("linear", 1e-4, 0.02, 1000), sample_steps=20).cuda()
         generator = torch.Generator("cuda").manual_seed(5)
         runs[name] = []
         for _ in range(2):
             x_t = torch.randn(64, 3, 32, 32, generator=generator, device="cuda")
-            for i in reversed(range(len(sampler.timesteps))):
-                x_t, _ = sampler.step(x_t, i, generator)
-                runs[name].append(x_t.clone())
+            for record in sampler.chain(model, x_t, generator=generator):
+                runs[name].append(record.x_prev.clone())
     for step, (eager, graphs) in enumerate(zip(runs["eager"], runs["graphs"])):
         assert (graphs - eager).abs().mean() < 0.01, step
     first, second = runs["eager"][19], runs["eager"][39]  # the two runs' samples differ

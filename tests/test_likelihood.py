@@ -14,11 +14,11 @@ from PIL import Image
 from scipy import integrate
 from scipy.stats import norm
 
+from bpd import bpd_sums, calc_bpd_loop, save_bpd
 from data import digits_array
-from diffusion import (GaussianDiffusionSampler, GaussianDiffusionTrainer,
-                       discretized_gaussian_log_likelihood, normal_kl)
+from diffusion import (GaussianDiffusion, GaussianDiffusionSampler, GaussianDiffusionTrainer,
+                       beta_schedule, discretized_gaussian_log_likelihood, normal_kl)
 from model import UNet
-from reports import bpd_sums, save_bpd
 
 GRID = -1.0 + 2.0 * np.arange(256) / 255.0  # the 8-bit levels on [-1, 1]
 
@@ -74,6 +74,7 @@ def test_discretized_gaussian_bins_sum_to_one():
 
 M, S = 0.1, 0.2          # 8-bit quantized N(M, S^2) data; +-1 is 4.5 S away
 T, BETA_1, BETA_T = 1000, 1e-4, 0.02
+BETAS = beta_schedule("linear", BETA_1, BETA_T, T)
 
 
 def schedule():
@@ -175,9 +176,8 @@ def test_bits_per_dim_of_the_gaussian_oracle(var_type, slack):
     levels = np.searchsorted(np.cumsum(p), (np.arange(n) + 0.5) / n)
     rng = np.random.default_rng(0)
     x_0 = torch.from_numpy(GRID[rng.permutation(levels)].reshape(64, 1, 16, 16))
-    sampler = GaussianDiffusionSampler(GaussianOracle(var_type), BETA_1, BETA_T, T,
-                                       var_type=var_type)
-    result = sampler.calc_bpd_loop(x_0, generator=torch.Generator().manual_seed(0))
+    result = calc_bpd_loop(GaussianOracle(var_type), GaussianDiffusion(BETAS), x_0, "epsilon", var_type,
+                           clip_denoised=True, generator=torch.Generator().manual_seed(0))
 
     assert result["terms_bpd"].shape == result["mse"].shape == (64, T)
     torch.testing.assert_close(result["total_bpd"],
@@ -196,8 +196,7 @@ def test_kl_loss_is_the_bound_term_in_bits_per_dim_without_clipping():
     """Trainer loss_type "kl" with fixedsmall: for t > 0 the KL of equal variances,
     c1^2 (x_0 - x0_hat)^2 / (2 betatilde_t), and at t = 0 the decoder NLL; x0_hat unclipped."""
     betas, abar, c1, betatilde = schedule()
-    trainer = GaussianDiffusionTrainer(toy_model, BETA_1, BETA_T, T, loss_type="kl",
-                                       var_type="fixedsmall")
+    trainer = GaussianDiffusionTrainer(toy_model, BETAS, loss_type="kl", var_type="fixedsmall")
     rng = np.random.default_rng(0)
     x_0 = GRID[rng.integers(0, 256, (4, 1, 4, 4))]
     noise = rng.standard_normal(x_0.shape)
@@ -223,7 +222,8 @@ def test_learned_variance_trains_with_the_kl_loss_and_samples():
     steps = 100
     net = UNet(steps, ch=32, ch_mult=(1, 2), attn=(1,), num_res_blocks=1, dropout=0.0,
                in_ch=1, out_ch=2)
-    trainer = GaussianDiffusionTrainer(net, 1e-3, 0.2, steps, loss_type="kl", var_type="learned")
+    betas = beta_schedule("linear", 1e-3, 0.2, steps)
+    trainer = GaussianDiffusionTrainer(net, betas, loss_type="kl", var_type="learned")
     images = torch.from_numpy(digits_array(train=True)[0]) * 2 - 1
     generator = torch.Generator().manual_seed(1)
     x_eval, t_eval = images[:64], torch.arange(64) * steps // 64
@@ -246,33 +246,39 @@ def test_learned_variance_trains_with_the_kl_loss_and_samples():
 
     net.eval()
     for kwargs in ({}, {"sampler": "ddim", "sample_steps": 10}):
-        sampler = GaussianDiffusionSampler(net, 1e-3, 0.2, steps, img_size=8, var_type="learned",
-                                           **kwargs)
-        samples = sampler(torch.randn((4, 1, 8, 8), generator=generator), generator=generator)
+        sampler = GaussianDiffusionSampler(betas, var_type="learned", **kwargs)
+        samples = sampler(net, torch.randn((4, 1, 8, 8), generator=generator), generator=generator)
         assert samples.shape == (4, 1, 8, 8) and torch.isfinite(samples).all()
     with pytest.raises(ValueError, match="out_ch = 2 \\* in_ch"):
-        GaussianDiffusionSampler(toy_model, 1e-3, 0.2, steps, var_type="learned")(
-            torch.zeros(1, 1, 8, 8))
+        GaussianDiffusionSampler(betas, var_type="learned")(toy_model, torch.zeros(1, 1, 8, 8))
 
 
 def test_bad_loss_arguments_raise():
     with pytest.raises(ValueError, match="use loss_type 'kl'"):
-        GaussianDiffusionTrainer(toy_model, BETA_1, BETA_T, T, loss_type="mse", var_type="learned")
+        GaussianDiffusionTrainer(toy_model, BETAS, loss_type="mse", var_type="learned")
     with pytest.raises(ValueError, match="mse, kl"):
-        GaussianDiffusionTrainer(toy_model, BETA_1, BETA_T, T, loss_type="vb")
+        GaussianDiffusionTrainer(toy_model, BETAS, loss_type="vb")
     with pytest.raises(ValueError, match="fixedlarge, fixedsmall, learned"):
-        GaussianDiffusionTrainer(toy_model, BETA_1, BETA_T, T, loss_type="kl", var_type="large")
+        GaussianDiffusionTrainer(toy_model, BETAS, loss_type="kl", var_type="large")
+    # the bound checks its parameterisation as the sampler does
+    x_0 = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unknown mean_type 'eps'"):
+        calc_bpd_loop(toy_model, GaussianDiffusion(BETAS), x_0, "eps", "fixedlarge", True)
+    with pytest.raises(ValueError, match="unknown var_type 'large'"):
+        calc_bpd_loop(toy_model, GaussianDiffusion(BETAS), x_0, "epsilon", "large", True)
 
 
 def test_bpd_over_a_loader_is_saved_as_json_and_plot(tmp_path):
     steps = 50
-    sampler = GaussianDiffusionSampler(toy_model, 1e-3, 0.3, steps)
+    diffusion = GaussianDiffusion(beta_schedule("linear", 1e-3, 0.3, steps))
+    parameterisation = ("epsilon", "fixedlarge", True)
     images = torch.from_numpy(GRID[np.random.default_rng(0).integers(0, 256, (6, 1, 4, 4))])
     loader = [(images[:4], None), (images[4:], None)]
-    sums = bpd_sums(sampler, loader, generator=torch.Generator().manual_seed(0))
+    sums = bpd_sums(toy_model, diffusion, loader, *parameterisation, generator=torch.Generator().manual_seed(0))
     summary = save_bpd(sums, tmp_path)
 
-    whole = sampler.calc_bpd_loop(images, generator=torch.Generator().manual_seed(0))
+    whole = calc_bpd_loop(toy_model, diffusion, images, *parameterisation,
+                          generator=torch.Generator().manual_seed(0))
     assert summary["num_images"] == 6
     assert len(summary["terms_bpd"]) == len(summary["mse"]) == steps
     # batches of 4 and 2 draw other noise than one batch of 6: only the prior is noise-free
@@ -283,3 +289,16 @@ def test_bpd_over_a_loader_is_saved_as_json_and_plot(tmp_path):
         assert json.load(f) == summary
     with Image.open(tmp_path / "bpd.png") as plot:
         assert plot.size == (960, 320)
+
+    # a generator per batch number n: the sums are those of each batch's own bound
+    per_batch = bpd_sums(toy_model, diffusion, loader, *parameterisation,
+                         generator=lambda n: torch.Generator().manual_seed(10 + n))
+    parts = [calc_bpd_loop(toy_model, diffusion, x_0, *parameterisation,
+                           generator=torch.Generator().manual_seed(10 + n))
+             for n, (x_0, _) in enumerate(loader)]
+    assert per_batch["count"].item() == 6
+    for name in ("total_bpd", "prior_bpd", "terms_bpd", "mse"):
+        torch.testing.assert_close(per_batch[name], sum(part[name].sum(0) for part in parts),
+                                   rtol=1e-12, atol=0)
+    torch.testing.assert_close(per_batch["total_bpd_sq"],
+                               sum((part["total_bpd"] ** 2).sum() for part in parts), rtol=1e-12, atol=0)

@@ -1,4 +1,5 @@
-"""Fast samplers (DDIM, strided ancestral), progressive sampling and interpolation.
+"""Fast samplers (DDIM, strided ancestral), the one sampling loop, progressive sampling and
+interpolation.
 
 The references below are written from the formulas of Ho et al. 2020 (eqs. 6-7, Algorithm 2)
 and Song et al. 2021 (DDIM, eq. 12) in numpy float64,
@@ -12,10 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion import GaussianDiffusionSampler, sample_timesteps
+import diffusion
+from diffusion import (AncestralStep, DDIMStep, GaussianDiffusionSampler, StridedAncestralStep,
+                       beta_schedule, sample_timesteps)
 from reports import interpolate, progressive_samples, save_interpolation, save_progressive
 
 T, BETA_1, BETA_T = 40, 1e-3, 0.3
+BETAS = beta_schedule("linear", BETA_1, BETA_T, T)
 SHAPE = (3, 1, 4, 4)
 
 
@@ -98,7 +102,7 @@ def run_both(sampler, reference, draws):
     noise = [torch.randn(SHAPE, generator=generator, dtype=torch.float64).numpy()
              for _ in range(draws)]
     generator.set_state(state)
-    return sampler(x_T, generator=generator).numpy(), reference(x_T.numpy(), noise)
+    return sampler(ToyModel(), x_T, generator=generator).numpy(), reference(x_T.numpy(), noise)
 
 
 def test_timesteps_follow_the_official_ddim_definitions():
@@ -111,15 +115,15 @@ def test_timesteps_follow_the_official_ddim_definitions():
     assert len(quadratic) == 49  # 0 appears twice in the official list
     # sample_steps 0 means T: the full chain, whatever the skip type (not 688 steps to t = 800)
     assert sample_timesteps(1000, 1000, "quadratic") == list(range(1000))
-    sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, skip_type="quadratic")
-    assert sampler.timesteps == list(range(T)) and sampler.respaced is None
+    sampler = GaussianDiffusionSampler(BETAS, skip_type="quadratic")
+    assert sampler.timesteps == list(range(T)) and type(sampler.step) is AncestralStep
 
 
 @pytest.mark.parametrize("mean_type", ["epsilon", "xstart", "xprev"])
 @pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])
 def test_default_sampler_is_algorithm_2(mean_type, var_type):
-    sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, mean_type=mean_type,
-                                       var_type=var_type)
+    sampler = GaussianDiffusionSampler(BETAS, mean_type=mean_type, var_type=var_type)
+    assert type(sampler.step) is AncestralStep
     ours, ref = run_both(sampler, lambda x, z: reference_ancestral(
         x, z, list(range(T)), mean_type, var_type), T - 1)
     np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
@@ -131,9 +135,9 @@ def test_default_sampler_is_algorithm_2(mean_type, var_type):
 @pytest.mark.parametrize("mean_type", ["epsilon", "xprev"])
 @pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])
 def test_strided_ancestral_sampling_runs_the_respaced_chain(skip_type, kept, mean_type, var_type):
-    sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, mean_type=mean_type,
-                                       var_type=var_type, sample_steps=7, skip_type=skip_type)
-    assert sampler.timesteps == kept
+    sampler = GaussianDiffusionSampler(BETAS, mean_type=mean_type, var_type=var_type, sample_steps=7,
+                                       skip_type=skip_type)
+    assert sampler.timesteps == kept and type(sampler.step) is StridedAncestralStep
     ours, ref = run_both(sampler, lambda x, z: reference_ancestral(
         x, z, kept, mean_type, var_type), len(kept) - 1)
     np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
@@ -143,10 +147,10 @@ def test_strided_ancestral_sampling_runs_the_respaced_chain(skip_type, kept, mea
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("clip", [True, False])
 def test_ddim_matches_the_update_of_song_et_al(skip_type, steps, eta, clip):
-    sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, sampler="ddim",
-                                       sample_steps=steps, eta=eta, skip_type=skip_type,
-                                       clip_denoised=clip)
+    sampler = GaussianDiffusionSampler(BETAS, sampler="ddim", sample_steps=steps, eta=eta,
+                                       skip_type=skip_type, clip_denoised=clip)
     kept = sampler.timesteps
+    assert type(sampler.step) is DDIMStep
     draws = len(kept) - 1 if eta > 0 else 0
     ours, ref = run_both(sampler, lambda x, z: reference_ddim(x, z, kept, eta, clip), draws)
     np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-11)
@@ -158,9 +162,9 @@ def test_ddim_with_eta_1_on_every_step_is_ancestral_sampling_with_fixedsmall():
     c1 x0_hat + c2 x_t."""
     outputs = []
     for kwargs in ({"sampler": "ddim", "eta": 1.0}, {"var_type": "fixedsmall"}):
-        sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, **kwargs)
+        sampler = GaussianDiffusionSampler(BETAS, **kwargs)
         generator = torch.Generator().manual_seed(3)
-        outputs.append(sampler(torch.randn(SHAPE, generator=generator, dtype=torch.float64),
+        outputs.append(sampler(ToyModel(), torch.randn(SHAPE, generator=generator, dtype=torch.float64),
                                generator=generator))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
 
@@ -211,15 +215,15 @@ def test_ddim_with_the_gaussian_oracle_recovers_the_data_distribution(skip_type,
     at the last kept step with mean 0, not sqrt(abar) M). The samples must match the exact
     output to within their own sampling error, and so (M, S) to within the tolerance."""
     _, alphas_bar = schedule(1e-4, 0.02, 1000)
-    sampler = GaussianDiffusionSampler(GaussianOracle(alphas_bar), 1e-4, 0.02, 1000,
-                                       sampler="ddim", sample_steps=steps, skip_type=skip_type)
+    sampler = GaussianDiffusionSampler(beta_schedule("linear", 1e-4, 0.02, 1000), sampler="ddim",
+                                       sample_steps=steps, skip_type=skip_type)
     exact_mean, exact_std = ddim_oracle_output(sampler.timesteps, alphas_bar)
     assert abs(exact_mean - M) < 1e-3 and abs(exact_std / S - 1) < tolerance
 
     n = 2 ** 16
     x_T = torch.randn((n // 16, 1, 4, 4), generator=torch.Generator().manual_seed(0),
                       dtype=torch.float64)
-    samples = sampler(x_T)
+    samples = sampler(GaussianOracle(alphas_bar), x_T)
     mean, std = samples.mean().item(), samples.std().item()
     # the output is affine in x_T, so its error is that of x_T's empirical mean and std
     assert abs(mean - exact_mean) < 5 * exact_std / math.sqrt(n)
@@ -229,7 +233,7 @@ def test_ddim_with_the_gaussian_oracle_recovers_the_data_distribution(skip_type,
 
 def test_bad_sampler_arguments_raise():
     def make(**kwargs):
-        return GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, **kwargs)
+        return GaussianDiffusionSampler(BETAS, **kwargs)
 
     with pytest.raises(ValueError, match="ddpm, ddim"):
         make(sampler="ddpm2")
@@ -248,19 +252,19 @@ def test_bad_sampler_arguments_raise():
     with pytest.raises(ValueError, match="learned"):
         make(var_type="learned", sample_steps=10)
     with pytest.raises(ValueError, match="not one of this sampler's timesteps"):
-        make(sampler="ddim", sample_steps=10).denoise(torch.zeros(SHAPE, dtype=torch.float64), 5)
+        make(sampler="ddim", sample_steps=10).denoise(ToyModel(), torch.zeros(SHAPE, dtype=torch.float64), 5)
 
 
 def test_progressive_sampling_records_every_kth_step_and_saves(tmp_path):
-    sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, var_type="fixedsmall")
+    sampler = GaussianDiffusionSampler(BETAS, var_type="fixedsmall")
     generator = torch.Generator().manual_seed(0)
     x_T = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
-    progressive = progressive_samples(sampler, x_T, every=10, generator=generator)
+    progressive = progressive_samples(sampler, ToyModel(), x_T, every=10, generator=generator)
     assert progressive["timesteps"].tolist() == [30, 20, 10, 0]
     assert progressive["x_t"].shape == progressive["pred_xstart"].shape == (3, 4, 1, 4, 4)
     generator.manual_seed(0)
     x_T = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
-    samples = sampler(x_T, generator=generator)
+    samples = sampler(ToyModel(), x_T, generator=generator)
     torch.testing.assert_close(progressive["samples"], samples, rtol=0, atol=0)
     # at t = 0 the mean is c1 x0_hat + c2 x_t with c1 = 1, c2 = 0 up to rounding
     torch.testing.assert_close(progressive["pred_xstart"][:, -1], samples, rtol=1e-12, atol=1e-12)
@@ -277,12 +281,11 @@ def test_progressive_sampling_records_every_kth_step_and_saves(tmp_path):
 def test_interpolation_diffuses_each_endpoint_with_its_own_noise(tmp_path):
     """The official interpolate: x_t^a and x_t^b from independent noise, one reverse-process
     noise for every lambda."""
-    sampler = GaussianDiffusionSampler(ToyModel(), BETA_1, BETA_T, T, sampler="ddim",
-                                       sample_steps=10, eta=1.0)
+    sampler = GaussianDiffusionSampler(BETAS, sampler="ddim", sample_steps=10, eta=1.0)
     x0_a = torch.full(SHAPE, -0.5, dtype=torch.float64)
     x0_b = torch.full(SHAPE, 0.5, dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
-    mixed = interpolate(sampler, x0_a, x0_b, 20, [0.0, 0.5, 1.0], generator)
+    mixed = interpolate(sampler, ToyModel(), x0_a, x0_b, 20, [0.0, 0.5, 1.0], generator)
     assert mixed.shape == (3, 3, 1, 4, 4)
 
     generator.manual_seed(0)
@@ -294,7 +297,7 @@ def test_interpolation_diffuses_each_endpoint_with_its_own_noise(tmp_path):
     state = generator.get_state()
     for column, x_t in ((0, x_t_a), (1, (x_t_a + x_t_b) / 2), (2, x_t_b)):
         generator.set_state(state)
-        expected = sampler.denoise(x_t, 20, generator)
+        expected = sampler.denoise(ToyModel(), x_t, 20, generator)
         torch.testing.assert_close(mixed[:, column], expected, rtol=1e-12, atol=1e-12)
 
     save_interpolation(tmp_path / "interp_t20.png", x0_a, x0_b, mixed)
@@ -302,9 +305,144 @@ def test_interpolation_diffuses_each_endpoint_with_its_own_noise(tmp_path):
         assert grid.size == (5 * 34 + 2, 3 * 34 + 2)
 
 
+# ---------------------------------------------------------------- the one loop
+
+def seeded(seed=5):
+    return torch.Generator().manual_seed(seed)
+
+
+class RecordingNet(torch.nn.Module):
+    """ToyModel that notes the timesteps and the input of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t):
+        self.calls.append((t.clone(), x.clone()))
+        return ToyModel()(x, t)
+
+
+LOOP_CONFIGS = [{}, {"sample_steps": 7, "skip_type": "quadratic"},
+                {"sampler": "ddim", "sample_steps": 8, "eta": 0.5}]
+
+
+@pytest.mark.parametrize("kwargs", LOOP_CONFIGS)
+def test_the_loop_visits_each_kept_timestep_once_in_descending_order(kwargs):
+    sampler = GaussianDiffusionSampler(BETAS, **kwargs)
+    kept = sampler.timesteps
+    net = RecordingNet()
+    x_T = torch.randn(SHAPE, generator=seeded(0), dtype=torch.float64)
+    records = list(sampler.chain(net, x_T, generator=seeded()))
+    assert [t.tolist() for t, _ in net.calls] == [[s] * SHAPE[0] for s in reversed(kept)]
+    assert all(t.dtype == torch.long for t, _ in net.calls)
+    assert [r.t for r in records] == kept[::-1]
+    assert [r.i for r in records] == list(reversed(range(len(kept))))
+    # each record's input is what the network saw: x_T, then the previous record's output
+    for (_, seen), record in zip(net.calls, records):
+        assert torch.equal(seen, record.x_t)
+    assert torch.equal(records[0].x_t, x_T)
+    for before, after in zip(records, records[1:]):
+        assert torch.equal(after.x_t, before.x_prev)
+    # from a kept timestep in the middle: the kept timesteps from there down, once each
+    net.calls.clear()
+    middle = kept[len(kept) // 2]
+    sampler.denoise(net, x_T, middle, seeded())
+    assert [t[0].item() for t, _ in net.calls] == [s for s in reversed(kept) if s <= middle]
+
+
+@pytest.mark.parametrize("kwargs", LOOP_CONFIGS)
+def test_sampling_denoising_and_progressive_sampling_are_the_same_chain(kwargs):
+    sampler = GaussianDiffusionSampler(BETAS, **kwargs)
+    x_T = torch.randn(SHAPE, generator=seeded(0), dtype=torch.float64)
+    sample = sampler(ToyModel(), x_T, generator=seeded())
+    records = list(sampler.chain(ToyModel(), x_T, generator=seeded()))
+    assert torch.equal(records[-1].x_prev.clamp(-1.0, 1.0), sample)
+    assert torch.equal(sampler.denoise(ToyModel(), x_T, sampler.timesteps[-1], seeded()), sample)
+    progressive = progressive_samples(sampler, ToyModel(), x_T, every=3, generator=seeded())
+    assert torch.equal(progressive["samples"], sample)
+    recorded = [r for r in records if r.i % 3 == 0]
+    assert progressive["timesteps"].tolist() == [r.t for r in recorded]
+    assert torch.equal(progressive["x_t"], torch.stack([r.x_t for r in recorded], 1))
+    assert torch.equal(progressive["pred_xstart"], torch.stack([r.x0_hat for r in recorded], 1))
+
+    # denoising from a kept timestep in the middle, with the generator where the chain had it
+    # there, is the rest of the chain
+    generator = seeded()
+    chain = sampler.chain(ToyModel(), x_T, generator=generator)
+    middle = len(sampler.timesteps) // 2
+    for record in chain:
+        if record.i == middle + 1:
+            break
+    state, x_middle = generator.get_state(), record.x_prev
+    rest = list(chain)
+    assert rest[0].t == sampler.timesteps[middle]
+    torch.testing.assert_close(rest[-1].x_prev.clamp(-1.0, 1.0), sample, rtol=0, atol=0)
+    generator.set_state(state)
+    denoised = sampler.denoise(ToyModel(), x_middle, sampler.timesteps[middle], generator)
+    torch.testing.assert_close(denoised, sample, rtol=0, atol=0)
+
+
+class HistoryStep(DDIMStep):
+    """A stand-in for a multistep solver: keeps its chain's x0_hat, as DPM-Solver++ keeps its
+    earlier predictions, and notes (chain number, i) at every step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chains, self.seen, self.history = 0, [], []
+
+    def reset(self):
+        self.chains += 1
+        self.history = []
+
+    def forward(self, output, x_t, i, generator=None):
+        x_prev, x0_hat = super().forward(output, x_t, i, generator)
+        self.history.append(x0_hat)
+        self.seen.append((self.chains, i, len(self.history)))
+        return x_prev, x0_hat
+
+
+def test_a_registered_stateful_step_is_reset_once_per_chain(monkeypatch):
+    """A new sampler is a step class and a registry line: every walk resets it once, at the
+    start, and then gives it the chain's steps in order."""
+    monkeypatch.setitem(diffusion.STEPS, "history", HistoryStep)
+    sampler = GaussianDiffusionSampler(BETAS, sampler="history", sample_steps=10, eta=1.0)
+    step, kept = sampler.step, sampler.timesteps
+    assert isinstance(step, HistoryStep) and len(kept) == 10
+    x_T = torch.randn(SHAPE, generator=seeded(0), dtype=torch.float64)
+    sample = sampler(ToyModel(), x_T, generator=seeded())
+    # the history changes nothing: the samples are DDIM's
+    ddim = GaussianDiffusionSampler(BETAS, sampler="ddim", sample_steps=10, eta=1.0)
+    assert torch.equal(sample, ddim(ToyModel(), x_T, generator=seeded()))
+    next(sampler.chain(ToyModel(), x_T, generator=seeded()))      # a chain left after one step
+    sampler.denoise(ToyModel(), x_T, kept[4], seeded())
+    progressive_samples(sampler, ToyModel(), x_T, every=3, generator=seeded())
+    interpolate(sampler, ToyModel(), x_T, -x_T, kept[6], [0.0, 0.5, 1.0], seeded())
+    starts = [9, 9, 4, 9, 6, 6, 6]  # the kept index each chain starts from
+    assert step.chains == len(starts)
+    expected = [(chain, i, start - i + 1) for chain, start in enumerate(starts, 1)
+                for i in (range(start, -1, -1) if chain != 2 else [start])]
+    assert step.seen == expected
+
+
+def test_the_sampler_holds_no_network_and_moves_every_buffer():
+    for kwargs in LOOP_CONFIGS:
+        sampler = GaussianDiffusionSampler(BETAS, **kwargs)
+        assert list(sampler.parameters()) == []
+        buffers = dict(sampler.named_buffers())
+        assert "step.diffusion.alphas_bar" in buffers
+        assert all(value.dtype == torch.float64 for value in buffers.values())
+        sampler.to("meta")
+        assert all(value.device.type == "meta" for value in sampler.buffers())
+    assert {"step.sigma", "step.eps_coef"} <= set(buffers)  # the last, DDIM's
+    with pytest.raises(ValueError, match="not one of this sampler's timesteps \\(nearest: 5\\)"):
+        GaussianDiffusionSampler(BETAS, sample_steps=8).denoise(ToyModel(), torch.zeros(SHAPE), 6)
+
+
 # ---------------------------------------------------------------- a second library: diffusers
 
 PAPER_T, PAPER_BETA_1, PAPER_BETA_T = 1000, 1e-4, 0.02
+PAPER_BETAS = beta_schedule("linear", PAPER_BETA_1, PAPER_BETA_T, PAPER_T)
 
 
 def float64_schedule(scheduler):
@@ -332,8 +470,7 @@ def model_output(x_t, t):
 @pytest.mark.parametrize("var_type, variance_type", [("fixedlarge", "fixed_large"), ("fixedsmall", "fixed_small")])
 def test_one_ancestral_step_equals_diffusers_ddpm_scheduler(var_type, variance_type):
     diffusers = pytest.importorskip("diffusers")
-    ours = GaussianDiffusionSampler(ToyModel(), PAPER_BETA_1, PAPER_BETA_T, PAPER_T, img_size=4,
-                                    var_type=var_type, clip_denoised=True)
+    ours = GaussianDiffusionSampler(PAPER_BETAS, var_type=var_type, clip_denoised=True)
     theirs = float64_schedule(diffusers.DDPMScheduler(
         num_train_timesteps=PAPER_T, beta_start=PAPER_BETA_1, beta_end=PAPER_BETA_T,
         variance_type=variance_type, clip_sample=True))
@@ -341,7 +478,8 @@ def test_one_ancestral_step_equals_diffusers_ddpm_scheduler(var_type, variance_t
     clipped_somewhere = False
     for t in (0, 1, 2, 100, 500, 998, 999):
         expected = theirs.step(model_output(x_t, t), t, x_t, generator=torch.Generator().manual_seed(t))
-        x_prev, x0_hat = ours.step(x_t, t, generator=torch.Generator().manual_seed(t))
+        # on the full chain the i-th kept step is t
+        x_prev, x0_hat = ours.step(model_output(x_t, t), x_t, t, generator=torch.Generator().manual_seed(t))
         torch.testing.assert_close(x0_hat, expected.pred_original_sample, rtol=0, atol=1e-10)
         torch.testing.assert_close(x_prev, expected.prev_sample, rtol=0, atol=1e-10)
         clipped_somewhere |= bool((x0_hat.abs() == 1.0).any())
@@ -359,8 +497,7 @@ def test_one_ancestral_step_equals_diffusers_ddpm_scheduler(var_type, variance_t
 def test_one_ddim_step_equals_diffusers_ddim_scheduler(eta, clip):
     diffusers = pytest.importorskip("diffusers")
     steps = 50
-    ours = GaussianDiffusionSampler(ToyModel(), PAPER_BETA_1, PAPER_BETA_T, PAPER_T, img_size=4,
-                                    clip_denoised=clip, sampler="ddim", sample_steps=steps, eta=eta)
+    ours = GaussianDiffusionSampler(PAPER_BETAS, clip_denoised=clip, sampler="ddim", sample_steps=steps, eta=eta)
     theirs = float64_schedule(diffusers.DDIMScheduler(
         num_train_timesteps=PAPER_T, beta_start=PAPER_BETA_1, beta_end=PAPER_BETA_T, clip_sample=clip,
         set_alpha_to_one=True))
@@ -373,7 +510,7 @@ def test_one_ddim_step_equals_diffusers_ddim_scheduler(eta, clip):
         # ours re-derives eps_hat from the clipped x0_hat: diffusers' use_clipped_model_output
         expected = theirs.step(model_output(x_t, t), t, x_t, eta=eta, use_clipped_model_output=clip,
                                variance_noise=noise if eta > 0 else None)
-        x_prev, x0_hat = ours.step(x_t, i, generator=torch.Generator().manual_seed(i))
+        x_prev, x0_hat = ours.step(model_output(x_t, t), x_t, i, generator=torch.Generator().manual_seed(i))
         torch.testing.assert_close(x0_hat, expected.pred_original_sample, rtol=0, atol=1e-10)
         torch.testing.assert_close(x_prev, expected.prev_sample, rtol=0, atol=1e-10)
 
@@ -383,8 +520,7 @@ def test_where_ddim_definitions_differ_from_diffusers_defaults():
     model's eps_hat after clipping x0_hat, where ours re-derives eps_hat from the clipped x0_hat;
     (2) with set_alpha_to_one=False the step to x_0 goes to abar_0 instead of 1."""
     diffusers = pytest.importorskip("diffusers")
-    ours = GaussianDiffusionSampler(ToyModel(), PAPER_BETA_1, PAPER_BETA_T, PAPER_T, img_size=4,
-                                    clip_denoised=True, sampler="ddim", sample_steps=50)
+    ours = GaussianDiffusionSampler(PAPER_BETAS, clip_denoised=True, sampler="ddim", sample_steps=50)
     abar = torch.cumprod(1.0 - torch.linspace(PAPER_BETA_1, PAPER_BETA_T, PAPER_T, dtype=torch.float64), 0)
     x_t = noisy_input(2)
     i, t = 30, ours.timesteps[30]
@@ -394,7 +530,7 @@ def test_where_ddim_definitions_differ_from_diffusers_defaults():
     default.set_timesteps(50)
     eps = model_output(x_t, t)
     theirs = default.step(eps, t, x_t, eta=0.0).prev_sample
-    mine, x0_hat = ours.step(x_t, i)
+    mine, x0_hat = ours.step(eps, x_t, i)
     assert (x0_hat.abs() == 1.0).any()
     torch.testing.assert_close(theirs, abar[s].sqrt() * x0_hat + (1 - abar[s]).sqrt() * eps, rtol=0, atol=1e-10)
     eps_from_x0 = (x_t - abar[t].sqrt() * x0_hat) / (1 - abar[t]).sqrt()
@@ -407,7 +543,7 @@ def test_where_ddim_definitions_differ_from_diffusers_defaults():
     final.set_timesteps(50)
     eps = model_output(x_t, 0)
     last = final.step(eps, 0, x_t, eta=0.0, use_clipped_model_output=True)
-    mine, x0_hat = ours.step(x_t, 0)
+    mine, x0_hat = ours.step(eps, x_t, 0)
     torch.testing.assert_close(mine, x0_hat, rtol=0, atol=1e-12)  # ours ends at abar = 1: x_0 = x0_hat
     eps_from_x0 = (x_t - abar[0].sqrt() * x0_hat) / (1 - abar[0]).sqrt()
     torch.testing.assert_close(last.prev_sample, abar[0].sqrt() * x0_hat + (1 - abar[0]).sqrt() * eps_from_x0,
