@@ -189,7 +189,7 @@ def steps_or_off(section, *names):
 
 @dataclass(frozen=True)
 class TrainingConfig(Section):
-    TITLE = "Training, its logs, sample grids and checkpoints"
+    TITLE = "Training"
     lr: float = option(2e-4, "Adam learning rate")
     grad_clip: float = option(1.0, "gradient-norm clipping threshold")
     total_steps: int = option(800000, "optimizer steps")

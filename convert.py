@@ -25,7 +25,10 @@ import sys
 import torch
 
 import checkpoint
+import files
 import model
+from builders import build_model
+from config import Config, flagfile_text
 from errors import UserError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -37,6 +40,7 @@ NAME_TOKENS = {"cifar10": "cifar10", "church": "lsun_church", "bedroom": "lsun_b
                "cat": "lsun_cat", "celebahq": "celebahq"}
 VARIANCES = {"fixed_large": "fixedlarge", "fixed_small": "fixedsmall", "fixed_small_log": "fixedsmall"}
 PREDICTIONS = {"epsilon": "epsilon", "sample": "xstart"}
+SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # --beta_schedule -> diffusers
 # UNet2DModel settings that the official network has; a model with another value is refused.
 OFFICIAL_SETTINGS = {"time_embedding_type": "positional", "flip_sin_to_cos": False, "freq_shift": 1,
                      "downsample_padding": 0, "norm_num_groups": 32, "norm_eps": 1e-6, "act_fn": "silu",
@@ -223,16 +227,18 @@ def architecture_from_config(config):
 
 def diffusion_flags(scheduler):
     """Flags of the noise schedule and sampler from a DDPMScheduler config."""
-    if scheduler.get("beta_schedule", "linear") != "linear" or scheduler.get("trained_betas"):
-        raise ConversionError(f"beta_schedule {scheduler.get('beta_schedule')!r}: only the linear "
-                              "schedule of the paper converts")
+    schedule = scheduler.get("beta_schedule", "linear")
+    if schedule not in SCHEDULES.values() or scheduler.get("trained_betas"):
+        raise ConversionError(f"beta_schedule {schedule!r}: only {' and '.join(SCHEDULES.values())} "
+                              "(--beta_schedule linear and cosine) convert")
     variance = scheduler.get("variance_type", "fixed_small")
     if variance not in VARIANCES:
         raise ConversionError(f"variance_type {variance!r}: one of {', '.join(VARIANCES)} converts")
     prediction = scheduler.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         raise ConversionError(f"prediction_type {prediction!r}: one of {', '.join(PREDICTIONS)} converts")
-    return {"T": scheduler.get("num_train_timesteps", 1000), "beta_1": scheduler.get("beta_start", 1e-4),
+    return {"beta_schedule": {theirs: ours for ours, theirs in SCHEDULES.items()}[schedule],
+            "T": scheduler.get("num_train_timesteps", 1000), "beta_1": scheduler.get("beta_start", 1e-4),
             "beta_T": scheduler.get("beta_end", 0.02), "var_type": VARIANCES[variance],
             "mean_type": PREDICTIONS[prediction], "clip_denoised": bool(scheduler.get("clip_sample", True))}
 
@@ -245,20 +251,12 @@ def guess_dataset(source):
     return None
 
 
-def write_flagfile(logdir, dataset, values):
-    """<logdir>/flagfile.txt: the dataset's configuration with `values` set, every flag of
-    main.py written out as a training run writes it."""
-    import main  # defines the flags
+def run_config(logdir, dataset, values):
+    """The configuration of the dataset's flagfile in config/ with `values` set, checked as
+    main.py checks its flags."""
     flagfile = DATASET_CONFIGS.get(dataset)
-    argv = ["main.py"] + ([f"--flagfile={os.path.join(ROOT, 'config', flagfile)}"] if flagfile else [])
-    main.FLAGS(argv + [f"--dataset={dataset}", f"--logdir={logdir}"])
-    for name, value in values.items():
-        setattr(main.FLAGS, name, value)
-    path = os.path.join(logdir, "flagfile.txt")
-    with open(path + ".tmp", "w") as file:
-        file.write(main.run_configuration())
-    os.replace(path + ".tmp", path)
-    return path
+    text = files.read_text(os.path.join(ROOT, "config", flagfile)) if flagfile else ""
+    return Config.from_flagfile_text(text, dataset=dataset, logdir=logdir, **values)
 
 
 def import_diffusers(source, logdir, dataset=None):
@@ -281,8 +279,15 @@ def import_diffusers(source, logdir, dataset=None):
     if scheduler_path is None:
         print(f"note: {source} has no scheduler config; the schedule of --dataset {dataset}'s "
               "configuration is kept", file=sys.stderr)
-    T = values.get("T", 1000)
-    net = model.UNet(T=T, dropout=config.get("dropout", 0.0), layout="official", **architecture)
+    values.update(ch=architecture["ch"], ch_mult=architecture["ch_mult"], attn=architecture["attn"],
+                  num_res_blocks=architecture["num_res_blocks"], img_channels=architecture["in_ch"],
+                  layout="official")
+    if "dropout" in config:
+        values["dropout"] = float(config["dropout"])
+    if config.get("sample_size"):
+        values["img_size"] = int(config["sample_size"])
+    converted = run_config(logdir, dataset, values)
+    net = build_model(converted.model, converted.diffusion)
     theirs = read_weights(model_folder)
     names = tensor_names(net, architecture)
     missing = [their for their in names.values() if their not in theirs]
@@ -298,14 +303,8 @@ def import_diffusers(source, logdir, dataset=None):
             weights[ours] = theirs[names[ours]].float().reshape(tensor.shape).clone()
     checkpoint.load_weights(net, weights, model_folder)  # the shapes, checked tensor by tensor
     os.makedirs(logdir, exist_ok=True)
-    values.update(ch=architecture["ch"], ch_mult=architecture["ch_mult"], attn=architecture["attn"],
-                  num_res_blocks=architecture["num_res_blocks"], img_channels=architecture["in_ch"],
-                  layout="official")
-    if "dropout" in config:
-        values["dropout"] = float(config["dropout"])
-    if config.get("sample_size"):
-        values["img_size"] = int(config["sample_size"])
-    flagfile = write_flagfile(logdir, dataset, values)
+    flagfile = os.path.join(logdir, "flagfile.txt")
+    files.write_bytes(flagfile, flagfile_text(converted).encode())
     checkpoint.save(ckpt_path, {"net_model": weights, "ema_model": weights, "step": None,
                                 "layout": "official", "format_version": checkpoint.FORMAT_VERSION,
                                 "converted_from": source})
@@ -325,36 +324,34 @@ def export_diffusers(logdir, out):
     if net.layout != "official":
         raise ConversionError(f"{logdir} holds a {net.layout}-layout network; diffusers computes only "
                               "the official layout")
-    saved = checkpoint.read_flagfile(flagfile)
-
-    def flag(name, default=None):
-        return saved.get(name, [default])[-1]
-
-    architecture = model.architecture_from_state_dict(net.state_dict())
-    if architecture["out_ch"] != architecture["in_ch"]:
+    saved = Config.from_flagfile_text(files.read_text(flagfile))
+    unet, diffusion = saved.model, saved.diffusion
+    if diffusion.var_type == "learned":
         raise ConversionError("a learned variance has no diffusers equivalent (its 'learned' "
                               "variance is not a log-variance): only fixed-variance models export")
-    var_type, mean_type = flag("var_type", "fixedlarge"), flag("mean_type", "epsilon")
-    if mean_type not in PREDICTIONS.values():
-        raise ConversionError(f"mean_type {mean_type} has no diffusers equivalent (epsilon and xstart do)")
-    ch, levels = architecture["ch"], len(architecture["ch_mult"])
-    attn = architecture["attn"]
+    if diffusion.mean_type not in PREDICTIONS.values():
+        raise ConversionError(f"mean_type {diffusion.mean_type} has no diffusers equivalent (epsilon and "
+                              "xstart do)")
+    if diffusion.beta_schedule not in SCHEDULES:
+        raise ConversionError(f"--beta_schedule {diffusion.beta_schedule} has no diffusers equivalent "
+                              f"({', '.join(SCHEDULES)} do)")
+    levels, attn = len(unet.ch_mult), list(unet.attn)
     unet_config = {
-        "_class_name": "UNet2DModel", "sample_size": int(flag("img_size", 32)),
-        "in_channels": architecture["in_ch"], "out_channels": architecture["out_ch"],
-        "block_out_channels": [ch * m for m in architecture["ch_mult"]],
-        "layers_per_block": architecture["num_res_blocks"],
+        "_class_name": "UNet2DModel", "sample_size": unet.img_size,
+        "in_channels": unet.img_channels, "out_channels": unet.img_channels,
+        "block_out_channels": [unet.ch * m for m in unet.ch_mult], "layers_per_block": unet.num_res_blocks,
         "down_block_types": ["AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(levels)],
         "up_block_types": ["AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(levels))],
-        "attention_head_dim": None, "dropout": float(flag("dropout", 0.0)),
+        "attention_head_dim": None, "dropout": unet.dropout,
         **{k: v for k, v in OFFICIAL_SETTINGS.items() if v is not None}}
     scheduler_config = {
-        "_class_name": "DDPMScheduler", "num_train_timesteps": architecture["T"],
-        "beta_start": float(flag("beta_1", 1e-4)), "beta_end": float(flag("beta_T", 0.02)),
-        "beta_schedule": "linear",
-        "variance_type": {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}[var_type],
-        "clip_sample": flag("clip_denoised", "true") == "true",
-        "prediction_type": {v: k for k, v in PREDICTIONS.items()}[mean_type]}
+        "_class_name": "DDPMScheduler", "num_train_timesteps": diffusion.T,
+        "beta_start": diffusion.beta_1, "beta_end": diffusion.beta_T,
+        "beta_schedule": SCHEDULES[diffusion.beta_schedule],
+        "variance_type": {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}[diffusion.var_type],
+        "clip_sample": saved.sampling.clip_denoised,
+        "prediction_type": {v: k for k, v in PREDICTIONS.items()}[diffusion.mean_type]}
+    architecture = dict(ch_mult=unet.ch_mult, attn=attn, num_res_blocks=unet.num_res_blocks)
     names = tensor_names(net, architecture)
     weights = {}
     for ours, tensor in net.state_dict().items():
@@ -362,17 +359,16 @@ def export_diffusers(logdir, out):
             if is_attention_projection(ours):
                 tensor = tensor.flatten(1)
             weights[names[ours]] = tensor.contiguous()
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     os.makedirs(os.path.join(out, "unet"), exist_ok=True)
     os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-    save_file(weights, os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    files.write_bytes(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"), save(weights))
     for path, content in ((os.path.join(out, "unet", "config.json"), unet_config),
                           (os.path.join(out, "scheduler", "scheduler_config.json"), scheduler_config),
                           (os.path.join(out, "model_index.json"), {
                               "_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
                               "scheduler": ["diffusers", "DDPMScheduler"]})):
-        with open(path, "w") as file:
-            json.dump(content, file, indent=2)
+        files.write_bytes(path, json.dumps(content, indent=2).encode())
     return out
 
 
@@ -395,7 +391,7 @@ def main(argv=None):
             ckpt_path, flagfile = import_diffusers(args.source_or_out, args.logdir, args.dataset)
             print(f"wrote {ckpt_path} and {flagfile}; score it with\n"
                   f"  python main.py --flagfile {flagfile} --notrain --eval")
-    except (ConversionError, checkpoint.CheckpointError) as error:
+    except UserError as error:
         sys.exit(f"error: {error}")
 
 

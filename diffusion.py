@@ -32,7 +32,8 @@ LOSS_TYPES = ("mse", "kl")
 SKIP_TYPES = ("uniform", "quadratic")
 BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
 WARMUP_FRACTIONS = {"warmup10": 0.1, "warmup50": 0.5}
-# s of Nichol & Dhariwal eq. 17: beta_0 not much smaller than the pixel bin (sec. 3.2)
+# s of Nichol & Dhariwal eq. 17: sqrt(beta_0) just under the pixel bin 1/127.5, so the first
+# steps add noise enough for eps to be predicted (sec. 3.2)
 COSINE_OFFSET = 0.008
 
 
@@ -45,8 +46,8 @@ def cosine_betas(T):
     """The cosine schedule (Nichol & Dhariwal 2021, eq. 17), float64, shape (T,):
         abar(t) = f(t) / f(0),  f(t) = cos(((t / T + s) / (1 + s)) pi / 2)^2,
         beta_t = min(1 - abar(t + 1) / abar(t), 0.999),  t = 0..T-1,
-    the paper's 1-based step t + 1 being this file's t. abar(T) is ~0, so the cap keeps the last
-    steps from beta = 1, where x_t would hold nothing of x_0 (sec. 3.2).
+    the paper's 1-based step t + 1 being this file's t. abar(T) is ~0: uncapped, the last beta
+    would be 1 and abar_{T-1} = 0, a singularity of 1 / sqrt(abar) (sec. 3.2).
     """
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + COSINE_OFFSET)
                   / (1.0 + COSINE_OFFSET) * (math.pi / 2)) ** 2
@@ -60,7 +61,8 @@ def beta_schedule(name, beta_1, beta_T, T):
     linear:              linspace(beta_1, beta_T, T) (Ho et al.)
     quad:                linspace(sqrt(beta_1), sqrt(beta_T), T)^2
     const:               beta_T at every step
-    jsd:                 1 / linspace(T, 1, T) = 1/T, 1/(T-1), ..., 1: the last step keeps no x_0
+    jsd:                 1 / linspace(T, 1, T) = 1/T, 1/(T-1), ..., 1: the last step keeps no
+                         x_0 (abar_{T-1} = 0, where an epsilon model's x0_hat is undefined)
     warmup10, warmup50:  beta_T, but for the first int(0.1 T) (int(0.5 T)) steps, which rise
                          as linspace(beta_1, beta_T) over those steps
     cosine:              `cosine_betas`
@@ -492,8 +494,9 @@ class GaussianDiffusionSampler(GaussianDiffusion):
         `StepRecord` per kept timestep, t descending; the step object is reset first.
 
         The only loop that walks the timesteps calling the network: sampling, denoising,
-        progressive sampling and interpolation all consume it. A generator: it runs as far as
-        it is read. Raises ValueError, naming the nearest kept timestep, if t is not kept.
+        progressive sampling and interpolation all consume it. A Python generator: it runs as
+        far as it is read, one chain at a time (a new chain resets the step's state). Raises
+        ValueError, naming the nearest kept timestep, when first read if t is not kept.
         """
         t = self.timesteps[-1] if t is None else t
         if t not in self.timesteps:

@@ -294,17 +294,19 @@ def write_samples(config, store, num_batches):
 
 def write_npz(path, batches, shape):
     """One .npz with uint8 (N, H, W, C) under 'arr_0' (the layout save_images writes),
-    streamed batch by batch so that it never holds all the samples."""
+    streamed batch by batch so that it never holds all the samples; written atomically."""
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     header = {"descr": "|u1", "fortran_order": False, "shape": shape}
-    temporary = path + files.TEMPORARY
-    with zipfile.ZipFile(temporary, "w", allowZip64=True) as archive:
-        with archive.open("arr_0.npy", "w", force_zip64=True) as entry:
-            np.lib.format.write_array_header_2_0(entry, header)
-            for samples in batches:
-                entry.write(samples.permute(0, 2, 3, 1).contiguous().numpy().tobytes())
-    os.replace(temporary, path)
+
+    def write(file):
+        with zipfile.ZipFile(file, "w", allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array_header_2_0(entry, header)
+                for samples in batches:
+                    entry.write(samples.permute(0, 2, 3, 1).contiguous().numpy().tobytes())
+
+    files.write_atomically(path, write, int(np.prod(shape)))
 
 
 def evaluate_during_training(config, evaluator, sampler, net, step, writer):

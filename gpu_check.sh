@@ -11,5 +11,5 @@ export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   timeout 330 python3 -m pytest -q -m gpu tests/test_gpu.py
-  timeout 240 python3 bench.py
+  timeout 240 python3 -m bench.training
 } 2>&1 | tee "$log"

@@ -132,6 +132,17 @@ def configuration_from_flags():
     return config.Config.make(**{name: FLAGS[name].value for name in config.FIELD_SECTIONS})
 
 
+def configuration(argv):
+    """The Config of a command line (argv[0] is the program's name), as main.py would run it;
+    the flags are left unparsed. For scripts and tests that start a run in their own process."""
+    FLAGS.unparse_flags()
+    try:
+        parse_flags(argv)
+        return configuration_from_flags()
+    finally:
+        FLAGS.unparse_flags()
+
+
 def resolve_device(device):
     """--device as a device type: "cuda" or "cpu"."""
     import torch

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-import builders
 import checkpoint
+import streams
 from diffusion import GaussianDiffusionSampler, beta_schedule
 from score import Evaluator
 from score.metrics import to_uint8
@@ -41,7 +41,7 @@ def all_at_once(logdir, num_images=NUM_IMAGES, batch=BATCH, seed=0):
     images = []
     with torch.no_grad():
         for i in range(math.ceil(num_images / batch)):
-            generator = torch.Generator().manual_seed(builders.stream_seed(seed, builders.EVAL_NOISE, i))
+            generator = torch.Generator().manual_seed(streams.stream_seed(seed, streams.EVAL_NOISE, i))
             x_T = torch.randn((min(batch, num_images - i * batch), 1, 8, 8), generator=generator)
             images.append((sampler(net, x_T, generator=generator) + 1) / 2)
     images = torch.cat(images)
@@ -66,7 +66,8 @@ def test_streamed_scores_equal_the_all_at_once_path_and_record_their_protocol(tr
     with open(os.path.join(trained, "ckpt.pt"), "rb") as file:
         ckpt_sha = hashlib.sha256(file.read()).hexdigest()[:12]
     protocol = {"num_samples": NUM_IMAGES, "sampler": "ddpm", "steps": 20, "eta": 0.0,
-                "skip_type": "uniform", "clip_denoised": True, "ema": True, "checkpoint_step": 3,
+                "skip_type": "uniform", "clip_denoised": True, "beta_schedule": "linear", "ema": True,
+                "checkpoint_step": 3,
                 "checkpoint_sha256": ckpt_sha, "feature_network": "digits", "quantize": True,
                 "seed": 0, "processes": 1, "torch": torch.__version__}
     for name, value in protocol.items():
@@ -148,8 +149,9 @@ def test_the_saved_flagfile_holds_the_configuration_not_the_actions(trained):
 def test_an_inception_fid_below_50000_samples_is_recorded_as_not_comparable():
     import types
     import evaluate
-    flags = types.SimpleNamespace(sampler="ddim", eta=0.0, skip_type="quadratic", clip_denoised=True,
-                                  fid_cache="stats.npz", fid_quantize=True, seed=3)
+    from config import Config
+    flags = Config.make(sampler="ddim", eta=0.0, skip_type="quadratic", clip_denoised=True,
+                        fid_cache="stats.npz", fid_quantize=True, seed=3)
     sampler = types.SimpleNamespace(timesteps=list(range(0, 1000, 20)))
     evaluator = types.SimpleNamespace(feature="inception", weights_sha256="a" * 12, statistics_sha256="b" * 12)
     record = evaluate.protocol_record(flags, sampler, evaluator, 10_000, 7, "c" * 12, time.time())

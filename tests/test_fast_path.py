@@ -48,11 +48,11 @@ def test_autocast_runs_the_network_in_bf16_and_returns_float32():
     net = tiny_unet()
     seen = record_convolutions(net)
     x, t = images_and_timesteps()
-    out = speed.fast(net, settings(precision="bf16"))(x, t)
+    out = speed.wrap(net, settings(precision="bf16"))(x, t)
     assert out.dtype == torch.float32
     assert seen and all(o.dtype == torch.bfloat16 for _, o in seen)
     seen.clear()
-    assert speed.fast(net, settings(precision="fp32"))(x, t).dtype == torch.float32
+    assert speed.wrap(net, settings(precision="fp32"))(x, t).dtype == torch.float32
     assert all(o.dtype == torch.float32 for _, o in seen)  # the reference path stays fp32
 
 
@@ -65,13 +65,13 @@ def test_weights_and_activations_are_channels_last():
     assert all(is_channels_last(m.weight) for m in convs)
     seen = record_convolutions(net)
     x, t = images_and_timesteps()
-    out = speed.fast(net, fast)(x, t)
+    out = speed.wrap(net, fast)(x, t)
     assert out.is_contiguous()  # NCHW again for the diffusion math
     assert is_channels_last(seen[0][0])  # the head conv's input: the image itself
     assert sum(is_channels_last(o) for _, o in seen) == len(seen)
     plain = tiny_unet()  # the reference path: NCHW
     seen = record_convolutions(plain)
-    speed.fast(plain, settings())(x, t)
+    speed.wrap(plain, settings())(x, t)
     assert not is_channels_last(plain.head.weight) and not is_channels_last(seen[0][1])
 
 
@@ -116,9 +116,10 @@ def compile_calls(monkeypatch):
 def test_compile_is_called_with_the_requested_mode(compile_calls, cuda_graphs, mode):
     """Catches a dropped or wrong mode= (CUDA graphs come from mode 'reduce-overhead'), dynamic
     shapes left on, and compile not called at all."""
-    fast = types.SimpleNamespace(compile=True, cuda_graphs=cuda_graphs, bf16=False, channels_last=False)
+    fast = speed.FastPath(bf16=False, channels_last=False, compile=True, cuda_graphs=cuda_graphs, fused_adam=False,
+                           data_on_device=False)
     net = tiny_unet()
-    speed.fast(net, fast)
+    speed.wrap(net, fast)
     assert len(compile_calls) == 1 and compile_calls[0].model is net
     assert compile_calls[0].kwargs == {"mode": mode, "dynamic": False}
 
@@ -129,7 +130,7 @@ def test_compiled_sampler_is_not_recompiled_across_steps(compile_calls):
     graph (a timestep baked in as a constant would recompile at every step)."""
     fast = settings(compile=True)
     sampler = GaussianDiffusionSampler(beta_schedule("linear", 1e-4, 0.02, 1000), sample_steps=10)
-    sampler(speed.fast(tiny_unet().eval(), fast), torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    sampler(speed.wrap(tiny_unet().eval(), fast), torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
     (call,) = compile_calls
     assert call.backend.compiled == 1 and call.backend.calls == 10
 
@@ -143,14 +144,9 @@ def test_training_runs_the_compiled_network_in_one_graph_without_recompiles(comp
     FastModel or train.py that calls the uncompiled network, and speed settings that do not
     reach the trainer."""
     import main
-    main.FLAGS.unparse_flags()
-    main.parse_flags(["main.py", *TINY, "--train", "--logdir", str(tmp_path), "--total_steps", "4",
-                      "--sample_step", "0", "--save_step", "0", "--dropout", "0",
-                      "--compile", "--precision", "bf16", "--channels_last"])
-    try:
-        train.train(main.FLAGS, "cpu")
-    finally:
-        main.FLAGS.unparse_flags()
+    train.train(main.configuration(["main.py", *TINY, "--train", "--logdir", str(tmp_path), "--total_steps", "4",
+                                    "--sample_step", "0", "--save_step", "0", "--dropout", "0",
+                                    "--compile", "--precision", "bf16", "--channels_last"]), "cpu")
     (call,) = [call for call in compile_calls if call.model.training]  # not the EMA sampler's
     assert call.kwargs == {"mode": "default", "dynamic": False}
     assert call.backend.compiled == 1  # one graph: no break, no recompile

@@ -10,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+import batches
 import data
 import diffusion
 import main
+import streams
 import train
 from test_main import TINY, assert_same_updates, run_main, weights
 
@@ -49,30 +51,26 @@ def recorded_batches(monkeypatch, tmp_path, *args):
         seen.append(x_0.detach().clone())
         return FORWARD(self, x_0, t, noise)
     monkeypatch.setattr(diffusion.GaussianDiffusionTrainer, "forward", recording)
-    main.FLAGS.unparse_flags()
-    main.parse_flags(["main.py", *TINY, "--train", "--logdir", str(tmp_path), "--total_steps", str(STEPS),
-                      "--sample_step", "0", "--save_step", "0", "--batch_size", str(BATCH), *args])
-    try:
-        train.train(main.FLAGS, "cpu")
-    finally:
-        main.FLAGS.unparse_flags()
+    train.train(main.configuration(["main.py", *TINY, "--train", "--logdir", str(tmp_path), "--total_steps",
+                                    str(STEPS), "--sample_step", "0", "--save_step", "0", "--batch_size",
+                                    str(BATCH), *args]), "cpu")
     return seen
 
 
 def expected_batches(dataset, accum_steps, seed=0):
     """Every micro-batch as the loop must build it: the seeded permutation's images, each
     mirrored where the step's seeded mask says. Also the masks (one per step)."""
-    sampler = iter(train.GlobalBatchSampler(len(dataset), BATCH, 1, 0, accum_steps, seed, start=0))
-    batches, masks = [], []
+    sampler = iter(batches.GlobalBatchSampler(len(dataset), BATCH, 1, 0, accum_steps, seed, start=0))
+    expected, masks = [], []
     for step in range(STEPS):
-        flip = train.global_batch_draws(seed, step, BATCH, dataset[0][0].shape, 20, "cpu")[0]
+        flip = streams.step_draws(seed, step, BATCH, dataset[0][0].shape, 20, "cpu")[0]
         masks.append(flip)
         micro = BATCH // accum_steps
         for m in range(accum_steps):
             images = torch.stack([dataset[int(i)][0] for i in next(sampler)])
             mask = flip[m * micro:(m + 1) * micro, None, None, None]
-            batches.append(torch.where(mask, images.flip(-1), images))
-    return batches, masks
+            expected.append(torch.where(mask, images.flip(-1), images))
+    return expected, masks
 
 
 def test_flips_follow_the_seeded_mask_in_every_micro_batch(folder, monkeypatch, tmp_path):

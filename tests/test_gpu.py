@@ -5,12 +5,12 @@ Skipped without CUDA. Run on a GPU machine with `python -m pytest -q -m gpu test
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 
 import speed
+from config import FastPathConfig
 from diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer, beta_schedule
 from model import UNet
 
@@ -21,9 +21,7 @@ CIFAR10 = dict(T=1000, ch=128, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=2,
 
 
 def settings(**chosen):
-    flags = dict(precision=None, compile=None, cuda_graphs=None, channels_last=None,
-                 fused_adam=None, data_on_device=None)
-    return speed.settings(types.SimpleNamespace(**{**flags, **chosen}), "cuda")
+    return speed.resolve(FastPathConfig(**chosen), "cuda")
 
 
 def paper_unet():
@@ -37,7 +35,7 @@ def paper_unet():
 def loss_and_grads(fast, steps=3):
     """The last of `steps` identical steps (the first ones compile and capture graphs)."""
     net = speed.to_layout(paper_unet(), fast)
-    trainer = GaussianDiffusionTrainer(speed.fast(net, fast), beta_schedule("linear", 1e-4, 0.02, 1000)).cuda()
+    trainer = GaussianDiffusionTrainer(speed.wrap(net, fast), beta_schedule("linear", 1e-4, 0.02, 1000)).cuda()
     generator = torch.Generator("cuda").manual_seed(1)
     x_0 = torch.rand(128, 3, 32, 32, generator=generator, device="cuda") * 2 - 1
     t = torch.randint(1000, (128,), generator=generator, device="cuda")
@@ -66,7 +64,7 @@ def test_fast_sampler_matches_fp32_given_the_same_noise():
     images = {}
     for name, fast in [("fp32", settings(precision="fp32", compile=False, channels_last=False)),
                        ("fast", settings())]:
-        model = speed.fast(speed.to_layout(net, fast), fast)
+        model = speed.wrap(speed.to_layout(net, fast), fast)
         sampler = GaussianDiffusionSampler(beta_schedule("linear", 1e-4, 0.02, 1000), sample_steps=100).cuda()
         images[name] = sampler(model, x_T, generator=torch.Generator("cuda").manual_seed(3))
     difference = (images["fast"] - images["fp32"]).abs()
@@ -96,7 +94,7 @@ def new_batches(steps, generator, batch=128):
 def gradients_per_step(fast, batches):
     """The loss and gradients of each batch, taken (copied) right after its backward pass."""
     net = speed.to_layout(paper_unet(), fast)
-    trainer = GaussianDiffusionTrainer(speed.fast(net, fast), beta_schedule("linear", 1e-4, 0.02, 1000)).cuda()
+    trainer = GaussianDiffusionTrainer(speed.wrap(net, fast), beta_schedule("linear", 1e-4, 0.02, 1000)).cuda()
     results = []
     for x_0, t, noise in batches:
         loss = trainer(x_0, t, noise).mean()
@@ -136,7 +134,7 @@ def test_cuda_graph_sampler_on_new_inputs_matches_eager_step_for_step():
     runs = {}
     for name, fast in [("eager", settings(precision="fp32", compile=False, channels_last=False)),
                        ("graphs", settings())]:
-        model = speed.fast(speed.to_layout(net, fast), fast)
+        model = speed.wrap(speed.to_layout(net, fast), fast)
         sampler = GaussianDiffusionSampler(beta_schedule("linear", 1e-4, 0.02, 1000), sample_steps=20).cuda()
         generator = torch.Generator("cuda").manual_seed(5)
         runs[name] = []

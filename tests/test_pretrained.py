@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import checkpoint
 import convert
 import model
+from config import parse_flags_text
 from model import UNet
 
 diffusers = pytest.importorskip("diffusers")
@@ -81,11 +82,16 @@ def seed_embedding_reference(T, dim):
     return torch.from_numpy(table)
 
 
+def read_flagfile(path):
+    """{flag: [values]} of a flagfile, as absl writes one."""
+    return parse_flags_text(open(path).read())
+
+
 def reference_unet(sd, x, t, ch_mult, attn, num_res_blocks, layout):
     """The UNet of Ho et al. computed from a state dict with plain tensor operations:
-    official: downsampling padded (0, 1), GroupNorm eps 1e-6; seed: padded (1, 1), eps 1e-5."""
-    eps = {"official": 1e-6, "seed": 1e-5}[layout]
-    pad = {"official": (0, 1), "seed": (1, 1)}[layout]
+    official: downsampling padded (0, 1), GroupNorm eps 1e-6; port: padded (1, 1), eps 1e-5."""
+    eps = {"official": 1e-6, "port": 1e-5}[layout]
+    pad = {"official": (0, 1), "port": (1, 1)}[layout]
 
     def norm(h, name):
         return group_norm_reference(h, sd[f"{name}.weight"], sd[f"{name}.bias"], eps)
@@ -135,7 +141,7 @@ def reference_unet(sd, x, t, ch_mult, attn, num_res_blocks, layout):
     return conv(F.silu(norm(h, "tail.0")), "tail.2")
 
 
-@pytest.mark.parametrize("layout", ["official", "seed"])
+@pytest.mark.parametrize("layout", ["official", "port"])
 def test_each_layout_computes_the_reference_network(layout):
     torch.manual_seed(0)
     net = perturb(UNet(**TINY, layout=layout), seed=1).double().eval()
@@ -146,16 +152,17 @@ def test_each_layout_computes_the_reference_network(layout):
     expected = reference_unet(sd, x, t, TINY["ch_mult"], TINY["attn"], TINY["num_res_blocks"], layout)
     assert relative_error(ours, expected) < 1e-10
     other = reference_unet(sd, x, t, TINY["ch_mult"], TINY["attn"], TINY["num_res_blocks"],
-                           "seed" if layout == "official" else "official")
+                           "port" if layout == "official" else "official")
     assert relative_error(ours, other) > 1e-2  # the layouts are different networks
 
 
 def test_seed_layout_pieces_against_their_definitions():
-    down = model.DownSample(32, "seed").double()
+    down = model.DownSample(32, "port").double()
     x = torch.randn(1, 32, 8, 8, dtype=torch.float64)
     expected = stride2_conv_reference(x, down.main.weight, down.main.bias, 1, 1)
     torch.testing.assert_close(down(x, None), expected, rtol=1e-12, atol=1e-12)
-    net = UNet(**TINY, layout="seed")
+    net = UNet(**TINY, layout="seed")  # the old name of the port's layout
+    assert net.layout == "port"
     norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and all(m.eps == 1e-5 for m in norms)
     table = net.time_embedding.timembedding[0].weight.double()
@@ -167,7 +174,7 @@ def test_seed_layout_pieces_against_their_definitions():
 
 def seed_checkpoint(folder, seed=3):
     """A checkpoint as the earlier port writes it: its keys only, no layout record."""
-    net = perturb(UNet(**TINY, in_ch=3, layout="seed"), seed=seed)
+    net = perturb(UNet(**TINY, in_ch=3, layout="port"), seed=seed)
     state = {"net_model": net.state_dict(), "ema_model": net.state_dict(), "sched": {"last_epoch": 7},
              "optim": {"state": {}, "param_groups": []}, "step": 7, "x_T": torch.randn(4, 3, 16, 16)}
     os.makedirs(folder, exist_ok=True)
@@ -178,7 +185,7 @@ def seed_checkpoint(folder, seed=3):
 def test_a_checkpoint_without_layout_loads_as_the_seed_port(tmp_path, capfd):
     reference = seed_checkpoint(tmp_path)
     loaded = checkpoint.load_model(str(tmp_path))  # no flagfile: the architecture from shapes
-    assert loaded.layout == "seed" and not loaded.training
+    assert loaded.layout == "port" and not loaded.training
     assert "records no layout" in capfd.readouterr().err
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 49])
     with torch.no_grad():
@@ -257,7 +264,7 @@ def test_an_official_pipeline_converts_and_computes_the_same_network(tmp_path):
     net = checkpoint.load_model(str(tmp_path / "run"))
     assert net.layout == "official"
     assert_same_outputs(net, unet, size=16)
-    saved = checkpoint.read_flagfile(tmp_path / "run" / "flagfile.txt")
+    saved = read_flagfile(tmp_path / "run" / "flagfile.txt")
     expected = {"dataset": "cifar10", "ch": "32", "ch_mult": ["1", "2", "2", "2"], "attn": ["1"],
                 "num_res_blocks": "2", "img_size": "16", "T": "1000", "var_type": "fixedlarge",
                 "mean_type": "epsilon", "layout": "official", "clip_denoised": "true",
@@ -286,7 +293,7 @@ def test_a_256_style_model_with_legacy_attention_names_in_a_bin_file_converts(tm
     result = run_convert(str(folder), "--logdir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no scheduler config" in result.stderr
-    saved = checkpoint.read_flagfile(tmp_path / "run" / "flagfile.txt")
+    saved = read_flagfile(tmp_path / "run" / "flagfile.txt")
     assert saved["dataset"] == ["lsun_church"] and saved["ch_mult"] == ["1", "1", "2", "2", "3", "3"]
     assert saved["attn"] == ["4"] and saved["var_type"] == ["fixedsmall"]  # the church configuration's
     assert_same_outputs(checkpoint.load_model(str(tmp_path / "run")), unet, size=64)
@@ -315,7 +322,7 @@ def test_export_then_import_gives_identical_tensors_and_diffusers_loads_it(tmp_p
     assert back.keys() == original.keys()
     for name, tensor in original.items():
         assert torch.equal(back[name], tensor), name
-    assert checkpoint.read_flagfile(tmp_path / "back" / "flagfile.txt")["clip_denoised"] == ["false"]
+    assert read_flagfile(tmp_path / "back" / "flagfile.txt")["clip_denoised"] == ["false"]
 
 
 @pytest.mark.parametrize("field, value", [
@@ -331,7 +338,7 @@ def test_other_block_types_and_schedulers_are_refused_in_one_line(tmp_path):
     config = dict(CIFAR_STYLE, down_block_types=("ResnetDownsampleBlock2D",) + CIFAR_STYLE["down_block_types"][1:])
     with pytest.raises(convert.ConversionError, match="down_block_types"):
         convert.architecture_from_config(config)
-    for scheduler, field in (({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule"),
+    for scheduler, field in (({"beta_schedule": "scaled_linear"}, "beta_schedule"),
                              ({"variance_type": "learned_range"}, "variance_type"),
                              ({"prediction_type": "v_prediction"}, "prediction_type")):
         with pytest.raises(convert.ConversionError, match=field):
@@ -348,13 +355,13 @@ def test_other_block_types_and_schedulers_are_refused_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_training_records_the_layout_and_a_seed_layout_model_trains_from_scratch(tmp_path):
     from test_main import run_main
-    for layout in ("official", "seed"):
+    for layout in ("official", "port"):
         logdir = tmp_path / layout
-        extra = [] if layout == "official" else ["--layout", "seed"]  # official is the default
+        extra = [] if layout == "official" else ["--layout", "seed"]  # official is the default; seed: port's old name
         run_main("--train", "--logdir", str(logdir), "--total_steps", "2", "--sample_step", "0", *extra)
         state = torch.load(logdir / "ckpt.pt", weights_only=True)
         assert state["layout"] == layout and state["format_version"] == checkpoint.FORMAT_VERSION
-        assert checkpoint.read_flagfile(logdir / "flagfile.txt")["layout"] == [layout]
+        assert read_flagfile(logdir / "flagfile.txt")["layout"] == [layout]
         net = checkpoint.load_model(str(logdir))
         assert net.layout == layout
         assert all(torch.isfinite(p).all() for p in net.parameters())
@@ -393,4 +400,4 @@ def test_a_hub_name_is_fetched_with_huggingface_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     convert.import_diffusers("google/ddpm-cifar10-32", str(tmp_path / "run"))
     assert asked == [("google/ddpm-cifar10-32", ["*.json", "*.safetensors"])]
-    assert checkpoint.read_flagfile(tmp_path / "run" / "flagfile.txt")["dataset"] == ["cifar10"]
+    assert read_flagfile(tmp_path / "run" / "flagfile.txt")["dataset"] == ["cifar10"]

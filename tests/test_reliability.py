@@ -20,6 +20,7 @@ import checkpoint
 import evaluate
 import files
 import main
+import streams
 import train
 from score import Evaluator, ScoreError, load_images
 from score.scorer import small_sample_warning
@@ -92,16 +93,16 @@ def test_rng_states_survive_weights_only_loading(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     draws()
     path = str(tmp_path / "ckpt.pt")
-    checkpoint.save(path, {"rng": [train.rng_state()]})
+    checkpoint.save(path, {"rng": [streams.rng_state()]})
     torch.load(path, weights_only=True)  # plain tensors and values: no allowlisted numpy types
     expected = draws()
-    train.set_rng_state(checkpoint.load(path)["rng"][0])
+    streams.set_rng_state(checkpoint.load(path)["rng"][0])
     assert draws() == expected
     # this project's checkpoints before the change stored numpy's state as an ndarray
-    legacy = {**train.rng_state(), "numpy": np.random.get_state()}
+    legacy = {**streams.rng_state(), "numpy": np.random.get_state()}
     torch.save({"rng": [legacy]}, path)
     expected = draws()
-    train.set_rng_state(checkpoint.load(path)["rng"][0])
+    streams.set_rng_state(checkpoint.load(path)["rng"][0])
     assert draws() == expected
 
 
@@ -167,7 +168,7 @@ def test_out_of_range_flags_are_refused_before_any_work(parse, tmp_path, args, m
     logdir = str(tmp_path / "run")
     parse("--train", "--logdir", logdir, *args)
     with pytest.raises(main.ConfigError) as error:
-        main.validate(1, "cpu")
+        main.validate(main.configuration_from_flags(), 1, "cpu")
     assert message in str(error.value) and "sample_steps" not in str(error.value)
     assert not os.path.exists(logdir)  # nothing written: not even the folder
 
@@ -183,10 +184,10 @@ def test_a_refused_flag_writes_no_flagfile(parse, tmp_path):
 def test_resume_refuses_a_new_network_and_lists_other_changes(parse, run, capsys):
     parse("--train", "--resume", "--logdir", run, "--ch", "64", "--T", "30", "--total_steps", "9")
     with pytest.raises(main.ConfigError) as error:
-        main.validate(1, "cpu")
+        main.validate(main.configuration_from_flags(), 1, "cpu")
     assert "--ch 32 -> 64; --T 20 -> 30" in str(error.value) and "total_steps" not in str(error.value)
     parse("--train", "--resume", "--logdir", run, "--total_steps", "9", "--lr", "0.0005")
-    main.validate(1, "cpu")
+    main.validate(main.configuration_from_flags(), 1, "cpu")
     notice = capsys.readouterr().err.strip()
     assert "--lr 0.001 -> 0.0005" in notice and "--total_steps 2 -> 9" in notice
     assert len(notice.splitlines()) == 1
@@ -215,17 +216,16 @@ def test_a_non_finite_step_changes_nothing(fused):
     ema = torch.nn.Linear(4, 3).requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.1, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_lr(0))
-    flags = types.SimpleNamespace(grad_clip=1.0, ema_decay=0.9)
     net(torch.randn(2, 4)).sum().backward()
-    assert not train.apply_gradients(net, ema, optimizer, scheduler, flags)
+    assert not train.apply_gradients(net, ema, optimizer, scheduler, 1.0, 0.9)
     before = [tensor.clone() for tensor in (*net.parameters(), *ema.parameters(),
                                             *optimizer.state[net.weight].values())]
     (net(torch.randn(2, 4)).sum() * float("nan")).backward()
-    assert train.apply_gradients(net, ema, optimizer, scheduler, flags)
+    assert train.apply_gradients(net, ema, optimizer, scheduler, 1.0, 0.9)
     after = (*net.parameters(), *ema.parameters(), *optimizer.state[net.weight].values())
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # weights, EMA, Adam moments, step
     net(torch.randn(2, 4)).sum().backward()
-    assert not train.apply_gradients(net, ema, optimizer, scheduler, flags)
+    assert not train.apply_gradients(net, ema, optimizer, scheduler, 1.0, 0.9)
     assert not torch.equal(before[0], net.weight) and not torch.equal(before[2], ema.weight)
 
 
@@ -236,12 +236,11 @@ def test_skipping_a_non_finite_step_needs_no_host_sync_with_fused_adam():
     ema = torch.nn.Linear(4, 3).cuda().requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.1, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_lr(0))
-    flags = types.SimpleNamespace(grad_clip=1.0, ema_decay=0.9)
     (net(torch.randn(2, 4, device="cuda")).sum() * float("nan")).backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host read of a device value raises
     try:
-        bad = train.apply_gradients(net, ema, optimizer, scheduler, flags)
+        bad = train.apply_gradients(net, ema, optimizer, scheduler, 1.0, 0.9)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert bad.item() and torch.isfinite(net.weight).all()
@@ -290,7 +289,7 @@ def test_small_sample_inception_fid_is_flagged_and_recorded(tmp_path, capsys):
     assert "not comparable with published FIDs" in small_sample_warning("inception", 2048)
     assert small_sample_warning("inception", 50000) is None
     assert small_sample_warning("digits", 100) is None
-    evaluate.report(types.SimpleNamespace(logdir=str(tmp_path)), scores, step=7)
+    evaluate.report(str(tmp_path), scores, step=7)
     assert capsys.readouterr().err.startswith("warning: FID of 100 samples")
     line = json.loads(open(tmp_path / "eval.txt").read())
     assert line["warning"] == scores["warning"] and line["FID"] == scores["FID"]

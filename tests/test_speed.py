@@ -1,10 +1,10 @@
 """The fast path computes the same numbers as the fp32 eager reference path."""
-import types
 
 import pytest
 import torch
 
 import speed
+from config import FastPathConfig
 from diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer, beta_schedule
 from model import UNet
 
@@ -13,7 +13,7 @@ ALL_OFF = dict(precision=None, compile=None, cuda_graphs=None, channels_last=Non
 
 
 def settings(device_type="cpu", world_size=1, **chosen):
-    return speed.settings(types.SimpleNamespace(**{**ALL_OFF, **chosen}), device_type, world_size)
+    return speed.resolve(FastPathConfig(**{**ALL_OFF, **chosen}), device_type, world_size)
 
 
 def tiny_unet(seed=0):
@@ -26,7 +26,7 @@ def tiny_unet(seed=0):
 
 
 def loss_and_grads(net, fast):
-    trainer = GaussianDiffusionTrainer(speed.fast(net, fast), beta_schedule("linear", 1e-4, 0.02, 1000))
+    trainer = GaussianDiffusionTrainer(speed.wrap(net, fast), beta_schedule("linear", 1e-4, 0.02, 1000))
     generator = torch.Generator().manual_seed(1)
     x_0 = torch.rand(8, 3, 8, 8, generator=generator) * 2 - 1
     t = torch.randint(1000, (8,), generator=generator)
@@ -83,7 +83,7 @@ def test_bf16_sampler_matches_fp32_given_the_same_noise():
     images = {}
     for name, fast in [("fp32", settings()), ("bf16", settings(precision="bf16", channels_last=True))]:
         sampler = GaussianDiffusionSampler(beta_schedule("linear", 1e-4, 0.02, 1000), sample_steps=100)
-        images[name] = sampler(speed.fast(speed.to_layout(net, fast), fast), x_T,
+        images[name] = sampler(speed.wrap(speed.to_layout(net, fast), fast), x_T,
                                generator=torch.Generator().manual_seed(3))
     difference = (images["bf16"] - images["fp32"]).abs()
     # The 100-step chain feeds bf16 rounding of each eps_hat (~0.4% relative) back into x_t;

@@ -7,11 +7,12 @@ import types
 import pytest
 import torch
 
+import batches
 import data
 import speed
 import train
 
-FLAGS = types.SimpleNamespace(grad_clip=1.0, ema_decay=0.9)
+GRAD_CLIP, EMA_DECAY = 1.0, 0.9
 
 
 def small_net(seed=0):
@@ -39,11 +40,11 @@ def test_ema_after_k_updates_is_its_closed_form(fused):
     net, ema = small_net(), small_net(seed=1).requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.05, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_lr(0))
-    decay, k = FLAGS.ema_decay, 6
+    decay, k = EMA_DECAY, 6
     expected = decay ** k * weights(ema)
     for j in range(1, k + 1):
         set_gradients(net, j)
-        train.apply_gradients(net, ema, optimizer, scheduler, FLAGS)
+        train.apply_gradients(net, ema, optimizer, scheduler, GRAD_CLIP, EMA_DECAY)
         expected += (1 - decay) * decay ** (k - j) * weights(net)
     torch.testing.assert_close(weights(ema), expected, rtol=0, atol=1e-6)
     assert (weights(ema) - weights(net)).abs().max() > 1e-2  # it is an average, not a copy
@@ -63,8 +64,7 @@ def test_the_step_uses_the_gradient_clipped_to_grad_clip(scale, grad_clip):
     for p in net.parameters():
         p.grad *= scale
     before = weights(net)
-    train.apply_gradients(net, ema, optimizer, scheduler,
-                          types.SimpleNamespace(grad_clip=grad_clip, ema_decay=0.9))
+    train.apply_gradients(net, ema, optimizer, scheduler, grad_clip, EMA_DECAY)
     update = before - weights(net)
     expected = gradient * min(1.0, grad_clip / gradient.norm().item())
     torch.testing.assert_close(update, expected, rtol=1e-5, atol=1e-7)
@@ -83,7 +83,7 @@ def test_warmup_learning_rate_at_chosen_steps():
     for _ in range(12):
         before = net.weight.item()
         net.weight.grad = torch.ones_like(net.weight)
-        train.apply_gradients(net, ema, optimizer, scheduler, types.SimpleNamespace(grad_clip=10.0, ema_decay=0.9))
+        train.apply_gradients(net, ema, optimizer, scheduler, 10.0, EMA_DECAY)
         applied.append(before - net.weight.item())
     for step in (0, 1, 4, 7, 8, 11):
         assert applied[step] == pytest.approx(lr * min(step / warmup, 1.0), abs=1e-7), step
@@ -104,7 +104,7 @@ def test_fused_adam_matches_plain_adam():
     for step in range(5):
         for name in nets:
             set_gradients(nets[name], step)
-            assert not train.apply_gradients(nets[name], emas[name], optimizers[name], schedulers[name], FLAGS)
+            assert not train.apply_gradients(nets[name], emas[name], optimizers[name], schedulers[name], GRAD_CLIP, EMA_DECAY)
     assert (weights(nets["plain"]) - weights(small_net())).abs().min() > 1e-3  # every weight moved
     torch.testing.assert_close(weights(nets["fused"]), weights(nets["plain"]), rtol=0, atol=1e-6)
     torch.testing.assert_close(weights(emas["fused"]), weights(emas["plain"]), rtol=0, atol=1e-6)
@@ -120,10 +120,9 @@ def test_batches_on_the_device_are_the_loaders_batches():
     assert stored is not None
     per_epoch = len(dataset) // 96
     for rank in (0, 1):
-        sampler = train.GlobalBatchSampler(len(dataset), 96, 2, rank, 3, seed=5, start=per_epoch - 1)
-        flags = types.SimpleNamespace(num_workers=0, seed=5)
-        loader = train.loader_batches(dataset, sampler, flags, torch.device("cpu"))
-        device = train.device_batches(stored, sampler)
+        sampler = batches.GlobalBatchSampler(len(dataset), 96, 2, rank, 3, seed=5, start=per_epoch - 1)
+        loader = batches.loader_batches(dataset, sampler, 0, 5, torch.device("cpu"))
+        device = batches.device_batches(stored, sampler)
         for _ in range(2 * 3):  # the epoch's last global batch and the next epoch's first
             (ours, _), (theirs, _) = next(device), next(loader)
             assert ours.shape == (16, 1, 8, 8)
@@ -135,8 +134,8 @@ def test_ranks_and_micro_batches_partition_the_global_batch():
     single process takes whole: together they are that batch, in order, each index once.
     Catches a rank offset or micro-batch cut that overlaps or skips images (2 processes would
     then train on other data than 1)."""
-    whole = iter(train.GlobalBatchSampler(100, 24, 1, 0, 1, seed=3, start=2))
-    parts = [iter(train.GlobalBatchSampler(100, 24, 2, rank, 3, seed=3, start=2)) for rank in (0, 1)]
+    whole = iter(batches.GlobalBatchSampler(100, 24, 1, 0, 1, seed=3, start=2))
+    parts = [iter(batches.GlobalBatchSampler(100, 24, 2, rank, 3, seed=3, start=2)) for rank in (0, 1)]
     for _ in range(6):  # over the epoch boundary (4 batches of 24 per epoch of 100)
         expected = next(whole)
         got = torch.cat([next(parts[rank]) for rank in (0, 1) for _ in range(3)])

@@ -1,12 +1,12 @@
 """Images per second that the training loader delivers, on this machine's CPU: image files,
 an LSUN lmdb and CIFAR10, at 32, 64 and 256 pixels, with 0, 1 and 2 loader workers.
 
-    python bench_data.py                    # the table for BENCHMARKS.md
-    python bench_data.py --seconds 1        # a quicker look
+    python -m bench.loading                    # the table for BENCHMARKS.md
+    python -m bench.loading --seconds 1        # a quicker look
 
 The data are made in a temporary folder: LSUN-like JPEGs (341x256, quality 75: LSUN's images
 have a short side of 256) as files and as an LSUN-format lmdb, and CIFAR10's python-pickle
-batches of random 32x32 images. Each measurement runs train.loader_batches, the training
+batches of random 32x32 images. Each measurement runs batches.loader_batches, the training
 loop's own loader (data order from GlobalBatchSampler), and counts the images it delivers
 after the first batch (worker start-up). The files are in the page cache: this measures
 decoding and resizing, not the disk. The main process runs one torch thread, as the workers
@@ -19,7 +19,6 @@ import os
 import pickle
 import tempfile
 import time
-import types
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from PIL import Image
 from torchvision.datasets import cifar
 
 import data
-import train
+from batches import GlobalBatchSampler, loader_batches
 
 SIZES = (32, 64, 256)
 WORKERS = (0, 1, 2)
@@ -79,9 +78,8 @@ def loader_speed(dataset, workers, batch_size, seconds):
     """(images per second, CPU milliseconds of this process per image). With 0 workers this
     process does all the work, so the second is the cost of one image on one core, which the
     machine's other load does not change."""
-    sampler = train.GlobalBatchSampler(len(dataset), batch_size, 1, 0, 1, seed=0, start=0)
-    flags = types.SimpleNamespace(num_workers=workers, seed=0)
-    batches = train.loader_batches(dataset, sampler, flags, torch.device("cpu"))
+    order = GlobalBatchSampler(len(dataset), batch_size, 1, 0, 1, seed=0, start=0)
+    batches = loader_batches(dataset, order, workers, 0, torch.device("cpu"))
     next(batches)  # worker start-up
     count, start, cpu_start = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:

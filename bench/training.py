@@ -1,7 +1,7 @@
 """Side-by-side speed of the reference path (fp32 eager) and the fast path, in one process.
 
-    python bench.py                 # the paper's CIFAR10 sizes on a GPU, tiny sizes on a CPU
-    python bench.py --sizes tiny    # a quick look anywhere
+    python -m bench.training                 # the paper's CIFAR10 sizes on a GPU, tiny sizes on a CPU
+    python -m bench.training --sizes tiny    # a quick look anywhere
 
 Measures training images/s (batch 128 and 512), sampling image-steps/s, peak memory, and the
 FID cost (Inception features of a batch, Frechet distance by float64 eigh against scipy's
@@ -10,13 +10,13 @@ sqrtm). Prints a markdown table with the fast/reference ratios, for BENCHMARKS.m
 import argparse
 import copy
 import time
-import types
 
 import numpy as np
 import scipy.linalg
 import torch
 
 import speed
+from config import FastPathConfig
 from diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer, beta_schedule
 from model import UNet
 from score import frechet_distance
@@ -71,18 +71,17 @@ def unet(size):
 
 def train_speed(size, path, batch, device, steps):
     """Images per second of whole optimizer steps (forward, backward, Adam, EMA)."""
-    fast = speed.settings(types.SimpleNamespace(**path), device.type)
+    fast = speed.resolve(FastPathConfig(**path), device.type)
     net = speed.to_layout(unet(size).to(device), fast)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = speed.adam(net.parameters(), 2e-4, fast)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lr(0))
-    trainer = GaussianDiffusionTrainer(speed.fast(net, fast), beta_schedule("linear", 1e-4, 0.02, 1000)).to(device)
-    hyper = types.SimpleNamespace(grad_clip=1.0, ema_decay=0.9999)
+    trainer = GaussianDiffusionTrainer(speed.wrap(net, fast), beta_schedule("linear", 1e-4, 0.02, 1000)).to(device)
     x_0 = torch.rand(batch, 3, size["img"], size["img"], device=device) * 2 - 1
 
     def step():
         trainer(x_0).mean().backward()
-        apply_gradients(net, ema, optimizer, scheduler, hyper)
+        apply_gradients(net, ema, optimizer, scheduler, grad_clip=1.0, ema_decay=0.9999)
 
     reset_memory(device)
     seconds = timed(step, steps, warmup=3 if fast.compile else 1, device=device)
@@ -92,9 +91,9 @@ def train_speed(size, path, batch, device, steps):
 @torch.no_grad()
 def sample_speed(size, path, device, steps):
     """Image-steps per second of the ancestral sampler (one model call per image-step)."""
-    fast = speed.settings(types.SimpleNamespace(**path), device.type)
+    fast = speed.resolve(FastPathConfig(**path), device.type)
     net = speed.to_layout(unet(size).to(device).eval(), fast)
-    model = speed.fast(net, fast)
+    model = speed.wrap(net, fast)
     sampler = GaussianDiffusionSampler(beta_schedule("linear", 1e-4, 0.02, 1000)).to(device)
     x_t = torch.randn(size["sample_batch"], 3, size["img"], size["img"], device=device)
     reset_memory(device)

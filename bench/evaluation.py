@@ -1,7 +1,7 @@
 """Peak memory of --eval: does it grow with the number of samples times the image size?
 
-    python bench_eval.py                      # 64x64 and 256x256, 64 and 256 samples each
-    python bench_eval.py --sizes 64 --num_images 1024 4096
+    python -m bench.evaluation                      # 64x64 and 256x256, 64 and 256 samples each
+    python -m bench.evaluation --sizes 64 --num_images 1024 4096
 
 For each size, a random tiny UNet (5 levels, ch 32) is saved as a run in a temporary logdir,
 and `main.py --eval` draws each --num_images count of samples with one DDIM step, scores them
@@ -19,26 +19,24 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-ARCHITECTURE = ["--ch", "32", "--ch_mult", "1", "--ch_mult", "1", "--ch_mult", "1", "--ch_mult", "1",
-                "--ch_mult", "1", "--attn", "4", "--num_res_blocks", "1", "--T", "10"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHITECTURE = dict(ch=32, ch_mult=(1, 1, 1, 1, 1), attn=(4,), num_res_blocks=1, T=10)
 
 
 def make_run(logdir, size):
     """A run folder with a random network of ARCHITECTURE at this image size."""
     sys.path.insert(0, ROOT)
     import checkpoint
-    import main
+    import files
     from builders import build_model
-    main.FLAGS.unparse_flags()  # a second size must not extend the first one's lists
-    main.FLAGS(["main.py", *ARCHITECTURE, "--img_size", str(size), "--img_channels", "3",
-                "--dataset", "folder", "--fid_cache", "", "--logdir", logdir])
-    net = build_model(main.FLAGS)
+    from config import Config, flagfile_text
+    run = Config.make(**ARCHITECTURE, img_size=size, img_channels=3, dataset="folder", fid_cache="",
+                      logdir=logdir, layout="official")
+    net = build_model(run.model, run.diffusion)
     os.makedirs(logdir)
     checkpoint.save(os.path.join(logdir, "ckpt.pt"), {"ema_model": net.state_dict(), "net_model": net.state_dict(),
                                                       "step": 0, "layout": "official"})
-    with open(os.path.join(logdir, "flagfile.txt"), "w") as file:
-        file.write(main.run_configuration())
+    files.write_bytes(os.path.join(logdir, "flagfile.txt"), flagfile_text(run).encode())
 
 
 def peak_memory(command):
