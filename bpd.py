@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import files
 from diffusion import MEAN_TYPES, VAR_TYPES, check_choice, mean_flat
 
 
@@ -92,8 +93,7 @@ def save_bpd(sums, logdir):
         "mse": means["mse"].tolist(),
     }
     os.makedirs(logdir, exist_ok=True)
-    with open(os.path.join(logdir, "bpd.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    files.write_bytes(os.path.join(logdir, "bpd.json"), json.dumps(summary, indent=1).encode())
     plot_per_t(os.path.join(logdir, "bpd.png"), [("VB term L_t (bits/dim)", summary["terms_bpd"]),
                                                   ("x0_hat MSE", summary["mse"])])
     return summary
@@ -118,4 +118,4 @@ def plot_per_t(path, curves, width=480, height=320, margin=48):
         draw.text((panel * width + 2, bottom - 10), f"{10 ** low:.2g}", fill="black")
         draw.text((left, bottom + 4), "t = 0", fill="black")
         draw.text((right - 60, bottom + 4), f"t = {len(logs) - 1}", fill="black")
-    image.save(path)
+    files.save_image(image, path)

@@ -126,9 +126,8 @@ class ModelConfig(Section):
 @dataclass(frozen=True)
 class DiffusionConfig(Section):
     TITLE = "Gaussian diffusion"
-    beta_schedule: str = option("linear", "the betas: linear (the paper's), the official code's quad, "
-                                "const, jsd, warmup10, warmup50, or cosine (Nichol & Dhariwal 2021)",
-                                choices=BETA_SCHEDULES)
+    beta_schedule: str = option("linear", f"the betas, one of {', '.join(BETA_SCHEDULES)} (linear: the "
+                                "paper's; see diffusion.beta_schedule)", choices=BETA_SCHEDULES)
     beta_1: float = option(1e-4, "first beta of the linear, quad and warmup schedules")
     beta_T: float = option(0.02, "last beta of the linear, quad and warmup schedules; const's beta")
     T: int = option(1000, "number of diffusion steps")

@@ -12,6 +12,7 @@ from torchvision import datasets, transforms
 from tqdm import tqdm
 
 import distributed
+import files
 from errors import UserError
 
 # name -> (default random horizontal flip, image channels, native size or None)
@@ -210,16 +211,11 @@ def read_key_cache(path, entries):
 def write_key_cache(path, blob, ends):
     """Write to a file of this process, then rename: processes that build the list at the same
     time (torchrun's, on first use) each leave a whole file. False when it cannot be written."""
-    temporary = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(temporary, "wb") as file:
-            np.savez(file, blob=blob, ends=ends)
-        os.replace(temporary, path)
+        files.write_atomically(path, lambda file: np.savez(file, blob=blob, ends=ends), blob.nbytes + ends.nbytes)
         return True
-    except OSError:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    except (OSError, files.WriteError):
         return False
 
 

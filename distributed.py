@@ -46,19 +46,20 @@ def is_main():
     return rank() == 0
 
 
-def local_device(device):
-    if device == "cuda":
+def local_device(device_type):
+    """This process's torch.device for a device type ("cuda": the GPU of its LOCAL_RANK)."""
+    if device_type == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
 
-def setup(rank, world_size, device):
-    if device == "cuda":
-        torch.cuda.set_device(local_device(device))
+def setup(rank, world_size, device_type):
+    if device_type == "cuda":
+        torch.cuda.set_device(local_device(device_type))
     if world_size > 1:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank,
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank,
                                 world_size=world_size, timeout=TIMEOUT,
-                                device_id=local_device(device) if device == "cuda" else None)
+                                device_id=local_device(device_type) if device_type == "cuda" else None)
 
 
 def cleanup():

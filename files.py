@@ -1,6 +1,7 @@
 """Files written whole or not at all, with one clear line when the disk is full.
 
-Each file goes to `<path>.tmp`, is flushed to disk and renamed over `path`: a crash or a full
+Each file goes to `<path>.<pid>.tmp` (one per process, so that processes writing the same file
+at once never mix their bytes), is flushed to disk and renamed over `path`: a crash or a full
 disk leaves the previous version in place, and a failed write removes its temporary file so
 that it does not keep the disk full.
 """
@@ -29,12 +30,13 @@ def readable(size):
 
 
 def write_atomically(path, write, size):
-    """write(file) into path.tmp, fsync, rename over path; size: about how many bytes it writes.
+    """write(file) into a temporary file, fsync, rename over path; size: about how many bytes
+    it writes.
 
     On failure the temporary file is removed, path is untouched, and WriteError says which
     file and, when the disk is full, how much space it needed and how much was free.
     """
-    temporary = path + TEMPORARY
+    temporary = f"{path}.{os.getpid()}{TEMPORARY}"
     try:
         with open(temporary, "wb") as file:
             write(file)
@@ -104,6 +106,13 @@ def remove_stale_temporaries(folder):
     for path in stale:
         os.remove(path)
     return [os.path.basename(path) for path in stale]
+
+
+def save_image(image, path, **options):
+    """A PIL image (options: PIL's save options, format included) written whole or not at all."""
+    buffer = io.BytesIO()
+    image.save(buffer, **{"format": "png", **options})
+    write_bytes(path, buffer.getvalue())
 
 
 def save_png(image, path):

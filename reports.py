@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+import files
+
 
 def enlarge(images, min_size=32):
     """Images (N, C, H, W) under min_size pixels wide enlarged by a whole factor (nearest
@@ -69,13 +71,14 @@ def save_progressive(progressive, logdir, prefix="progressive", frame_ms=100):
     paths = []
     for b in range(batch):
         path = os.path.join(logdir, f"{prefix}_{b:04d}.png")
-        to_pil(torch.cat([x_t[b], pred_xstart[b]]), nrow=steps).save(path)
+        files.save_image(to_pil(torch.cat([x_t[b], pred_xstart[b]]), nrow=steps), path)
         paths.append(path)
     nrow = math.ceil(math.sqrt(batch))
     frames = [to_pil(torch.cat([x_t[:, n], pred_xstart[:, n]], dim=-1), nrow=nrow)
               for n in range(steps)]
     path = os.path.join(logdir, f"{prefix}.gif")
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    files.save_image(frames[0], path, format="gif", save_all=True, append_images=frames[1:], duration=frame_ms,
+                     loop=0)
     return paths + [path]
 
 
@@ -106,4 +109,4 @@ def interpolate(sampler, net, x0_a, x0_b, t, lambdas, generator=None):
 def save_interpolation(path, x0_a, x0_b, mixed):
     """One PNG: a row per pair, columns x0_a, the interpolations in lambda order, x0_b."""
     rows = torch.cat([x0_a[:, None], mixed, x0_b[:, None]], dim=1)
-    to_pil(rows.flatten(0, 1), nrow=rows.shape[1]).save(path)
+    files.save_image(to_pil(rows.flatten(0, 1), nrow=rows.shape[1]), path)

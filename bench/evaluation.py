@@ -64,7 +64,7 @@ def main():
     parser.add_argument("--num_images", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
-    print(f"# bench_eval.py on CPU x{os.cpu_count()}, torch {torch.__version__}, batch {args.batch}, "
+    print(f"# bench/evaluation.py on CPU x{os.cpu_count()}, torch {torch.__version__}, batch {args.batch}, "
           "digits features\n")
     print("| image size | samples | peak memory of --eval | time | the samples as float32, if all were held |")
     print("|---|---|---|---|---|")

@@ -99,7 +99,7 @@ def main():
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as root:
         kinds = make_data(root, args.images)
-        print(f"# bench_data.py on CPU x{os.cpu_count()}, torch {torch.__version__}, batch "
+        print(f"# bench/loading.py on CPU x{os.cpu_count()}, torch {torch.__version__}, batch "
               f"{args.batch_size}, {args.seconds:g} s per cell, load average "
               f"{os.getloadavg()[0]:.1f} at the start\n")
         print("| data | size | CPU per image | " +

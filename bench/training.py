@@ -137,7 +137,7 @@ def main():
     size = SIZES[args.sizes or ("paper" if device.type == "cuda" else "tiny")]
     steps = args.steps or size["steps"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
-    print(f"# bench.py on {name}, torch {torch.__version__}, sizes {args.sizes or 'auto'}, {steps} steps\n")
+    print(f"# bench/training.py on {name}, torch {torch.__version__}, sizes {args.sizes or 'auto'}, {steps} steps\n")
     print("| measurement | reference (fp32 eager) | fast | fast / reference |")
     print("|---|---|---|---|")
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
+import files
 
 CLASSIFIER = "data/digits_classifier.pt"
 # Training recipe; it is saved with the weights and a cached file with another one is retrained.
@@ -88,8 +89,7 @@ def load_classifier(path=CLASSIFIER):
     net = train_classifier()
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    # write then rename: ranks that all train at once never read each other's half-written file
-    partial = f"{path}.{os.getpid()}.partial"
-    torch.save({"recipe": RECIPE, "state_dict": net.state_dict()}, partial)
-    os.replace(partial, path)
+    # written whole, then renamed: ranks that all train at once never read a half-written file
+    state = {"recipe": RECIPE, "state_dict": net.state_dict()}
+    files.write_atomically(path, lambda file: torch.save(state, file), files.state_size(state))
     return net

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import files
 from errors import UserError
 
 IS_SPLITS = 10  # Inception Score: mean and std over this many equal parts (Salimans et al.)
@@ -97,7 +98,9 @@ def save_statistics(path, mu, sigma):
     """The .npz pytorch_gan_metrics reads: mu (D,) and sigma (D, D), float64."""
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez_compressed(path, mu=mu.cpu().double().numpy(), sigma=sigma.cpu().double().numpy())
+    arrays = {"mu": mu.cpu().double().numpy(), "sigma": sigma.cpu().double().numpy()}
+    files.write_atomically(path, lambda file: np.savez_compressed(file, **arrays),
+                           sum(array.nbytes for array in arrays.values()))
 
 
 def load_statistics(path, create_command):

@@ -7,6 +7,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import files
 from . import digits, inception, metrics
 from .metrics import (ScoreError, frechet_distance, inception_score, load_statistics, statistics,
                       to_uint8)
@@ -177,9 +178,9 @@ def save_images(images, path, start=0):
     if path.endswith(".npz"):
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path, arr_0=array)
+        files.write_atomically(path, lambda file: np.savez(file, arr_0=array), array.nbytes)
         return
     os.makedirs(path, exist_ok=True)
     for i, image in enumerate(array, start):
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
-            os.path.join(path, f"{i:06d}.png"))
+        files.save_image(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image),
+                         os.path.join(path, f"{i:06d}.png"))

@@ -43,6 +43,7 @@ def tests_of(file, *names):
 REFERENCE_UNET = tests_of("test_pretrained.py", "test_each_layout_computes_the_reference_network")
 FAST_PATH = "test_fast_path.py"
 LOOP = "test_training_loop.py"
+CONFIG = "test_config.py"
 
 MUTANTS = [
     # ---- model
@@ -89,14 +90,14 @@ MUTANTS = [
            tests_of("test_samplers.py", "test_a_registered_stateful_step_is_reset_once_per_chain")),
     # ---- training loop
     Mutant("ema_decay_swapped", "training", "train.py",
-           "ema_update(ema, net, 1.0 - flags.ema_decay)", "ema_update(ema, net, flags.ema_decay)",
+           "ema_update(ema, net, 1.0 - ema_decay)", "ema_update(ema, net, ema_decay)",
            tests_of(LOOP, "test_ema_after_k_updates_is_its_closed_form")),
     Mutant("ema_before_the_fused_step", "training", "train.py",
-           "        optimizer.step()\n        ema_update(ema, net, (1.0 - flags.ema_decay) * (~bad).float())",
-           "        ema_update(ema, net, (1.0 - flags.ema_decay) * (~bad).float())\n        optimizer.step()",
+           "        optimizer.step()\n        ema_update(ema, net, (1.0 - ema_decay) * (~bad).float())",
+           "        ema_update(ema, net, (1.0 - ema_decay) * (~bad).float())\n        optimizer.step()",
            tests_of(LOOP, "test_ema_after_k_updates_is_its_closed_form")),
     Mutant("clip_at_a_fixed_1", "training", "train.py",
-           "clip_grad_norm_(net.parameters(), flags.grad_clip)", "clip_grad_norm_(net.parameters(), 1.0)",
+           "clip_grad_norm_(net.parameters(), grad_clip)", "clip_grad_norm_(net.parameters(), 1.0)",
            tests_of(LOOP, "test_the_step_uses_the_gradient_clipped_to_grad_clip")),
     Mutant("warmup_off_by_one", "training", "train.py",
            "min(step, warmup) / warmup", "min(step + 1, warmup) / warmup",
@@ -114,7 +115,7 @@ MUTANTS = [
     Mutant("ddp_syncs_the_wrong_micro_batch", "training", "train.py",
            "if world_size > 1 and not last else", "if world_size > 1 and last else",
            tests_of("test_main.py", "test_two_processes_equal_one")),
-    Mutant("rank_offset_dropped", "training", "train.py",
+    Mutant("rank_offset_dropped", "training", "batches.py",
            "* self.global_batch + self.rank * local", "* self.global_batch",
            tests_of(LOOP, "test_ranks_and_micro_batches_partition_the_global_batch")),
     # ---- flips and data
@@ -146,7 +147,7 @@ MUTANTS = [
            "x = x.contiguous(memory_format=torch.channels_last)", "x = x.contiguous()",
            tests_of(FAST_PATH, "test_weights_and_activations_are_channels_last")),
     Mutant("weights_not_channels_last", "fast path", "speed.py",
-           "return net.to(memory_format=torch.channels_last) if speed.channels_last else net", "return net",
+           "return net.to(memory_format=torch.channels_last) if path.channels_last else net", "return net",
            tests_of(FAST_PATH, "test_weights_and_activations_are_channels_last")),
     Mutant("compile_mode_dropped", "fast path", "speed.py",
            "torch.compile(net, mode=mode, dynamic=False)", "torch.compile(net, dynamic=False)",
@@ -156,7 +157,7 @@ MUTANTS = [
            "compiled = torch.compile(net, mode=mode, dynamic=False)",
            tests_of(FAST_PATH, "test_compiled_sampler_is_not_recompiled_across_steps")),
     Mutant("trainer_off_the_fast_path", "fast path", "train.py",
-           "GaussianDiffusionTrainer(speed.fast(ddp_net, fast),", "GaussianDiffusionTrainer(ddp_net,",
+           "build_trainer(speed.wrap(ddp_net, fast), config.diffusion)", "build_trainer(ddp_net, config.diffusion)",
            tests_of(FAST_PATH, "test_training_runs_the_compiled_network_in_one_graph_without_recompiles")),
     # ---- scoring and evaluation
     Mutant("fid_trace_sign", "scoring", "score/metrics.py",
@@ -170,26 +171,43 @@ MUTANTS = [
            "(images.clamp(0, 1) * 255 + 0.5).floor()", "(images.clamp(0, 1) * 255).floor()",
            tests_of("test_score.py", "test_8_bit_rounding_is_that_of_torchvision_save_image")),
     Mutant("nofid_quantize_ignored", "scoring", "evaluate.py",
-           "quantize=flags.fid_quantize, dataset=flags.dataset", "quantize=True, dataset=flags.dataset",
+           "quantize=scoring.fid_quantize, dataset=dataset.dataset", "quantize=True, dataset=dataset.dataset",
            tests_of("test_cli_paths.py", "test_saved_samples_are_the_same_in_every_format_and_on_two_processes")),
     Mutant("sample_shards_numbered_from_0", "scoring", "evaluate.py",
-           "save_images(images.cpu(), flags.save_samples, start=i * batch)",
-           "save_images(images.cpu(), flags.save_samples)",
+           "save_images(images.cpu(), config.actions.save_samples, start=i * batch)",
+           "save_images(images.cpu(), config.actions.save_samples)",
            tests_of("test_cli_paths.py", "test_saved_samples_are_the_same_in_every_format_and_on_two_processes")),
     Mutant("bpd_noise_per_process", "scoring", "evaluate.py",
-           "stream_seed(flags.seed, BPD_NOISE, first_batch + n)", "stream_seed(flags.seed, BPD_NOISE, n)",
+           "generator(device, config.run.seed, BPD_NOISE, first_batch + n)",
+           "generator(device, config.run.seed, BPD_NOISE, n)",
            tests_of("test_cli_paths.py",
                     "test_bits_per_dim_on_two_processes_equals_one_and_looking_inside_writes_its_images")),
     # ---- checkpoints
     Mutant("rng_not_restored_on_resume", "checkpoints", "train.py",
-           'set_rng_state(state["rng"][rank])', "pass",
+           'set_rng_state(saved["rng"][rank])', "pass",
            tests_of("test_main.py", "test_resumed_run_ends_with_the_same_weights")),
     Mutant("step_not_restored_on_resume", "checkpoints", "train.py",
-           'start, x_T = int(state["step"]), state["x_T"]', 'x_T = state["x_T"]',
+           'self.step, self.x_T = int(saved["step"]), saved["x_T"]', 'self.x_T = saved["x_T"]',
            tests_of("test_main.py", "test_resumed_run_ends_with_the_same_weights")),
     Mutant("unrecorded_layout_is_official", "checkpoints", "checkpoint.py",
-           '    return "seed"\n', '    return "official"\n',
+           '    return "port"\n', '    return "official"\n',
            tests_of("test_pretrained.py", "test_a_checkpoint_without_layout_loads_as_the_seed_port")),
+    # ---- configuration
+    Mutant("resume_lets_the_diffusion_change", "configuration", "config.py",
+           "for section in (ModelConfig, DiffusionConfig)", "for section in (ModelConfig,)",
+           tests_of(CONFIG, "test_resume_refuses_a_new_schedule_or_layout_and_lets_the_rest_change")),
+    Mutant("store_forgets_the_diffusion", "configuration", "evaluate.py",
+           '"diffusion": dataclasses.asdict(config.diffusion)', '"diffusion": None',
+           tests_of(CONFIG, "test_every_field_of_the_model_diffusion_and_sampling_reaches_the_evaluation_store")),
+    Mutant("old_layout_name_refused", "configuration", "model.py",
+           'LAYOUT_ALIASES = {"seed": "port"}', "LAYOUT_ALIASES = {}",
+           tests_of(CONFIG, "test_a_flagfile_written_before_the_typed_configuration_loads_unchanged")),
+    Mutant("flagfile_bool_inverted", "configuration", "config.py",
+           'return [f"--{name}" if value else f"--no{name}"]', 'return [f"--no{name}" if value else f"--{name}"]',
+           tests_of(CONFIG, "test_flagfile_text_is_what_absl_writes_and_reads_back_the_same_configuration")),
+    Mutant("list_flags_joined_by_commas", "configuration", "config.py",
+           "        if name in MULTI_FLAGS:\n", "        if False:\n",
+           tests_of(CONFIG, "test_flagfile_text_is_what_absl_writes_and_reads_back_the_same_configuration")),
 ]
 
 
