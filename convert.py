@@ -256,6 +256,11 @@ def run_config(logdir, dataset, values):
     main.py checks its flags."""
     flagfile = DATASET_CONFIGS.get(dataset)
     text = files.read_text(os.path.join(ROOT, "config", flagfile)) if flagfile else ""
+    steps = Config.from_flagfile_text(text).sampling.sample_steps
+    if steps > values.get("T", steps):  # the configuration's strided sampler is longer than this chain
+        print(f"note: --sample_steps {steps} of {flagfile} exceeds the model's T = {values['T']}: "
+              "writing --sample_steps 0 (all T)", file=sys.stderr)
+        values = {**values, "sample_steps": 0}
     return Config.from_flagfile_text(text, dataset=dataset, logdir=logdir, **values)
 
 

@@ -17,6 +17,7 @@ import config
 import data
 import distributed
 import files
+import lock
 import signals
 from config import ConfigError
 from errors import UserError
@@ -294,6 +295,8 @@ def main(argv):
             raise ConfigError("under torchrun, set processes with --nproc_per_node, not --nprocs")
         world_size = distributed.env_world_size() if launched else run_config.run.nprocs
         validate(run_config, world_size, device_type)
+        if distributed.env_rank() == 0:  # one command per logdir, until this process exits
+            lock.hold(run_config.run.logdir)
         if run_config.actions.train:  # a missing dataset fails here, once, before any process starts
             data.build_dataset(run_config.data.dataset, run_config.data.data_root, run_config.model.img_size,
                                train=True, channels=run_config.model.img_channels)

@@ -193,6 +193,43 @@ def test_resume_refuses_a_new_network_and_lists_other_changes(parse, run, capsys
     assert len(notice.splitlines()) == 1
 
 
+def snapshot(folder):
+    """{path: (size, modification time)} of every file under folder."""
+    return {os.path.join(root, name): (os.stat(os.path.join(root, name)).st_size,
+                                       os.stat(os.path.join(root, name)).st_mtime_ns)
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def test_a_second_command_in_a_busy_logdir_is_one_line_and_changes_nothing(run):
+    """Two commands in one logdir would share ckpt.pt.tmp, the evaluation store and eval.txt.
+    While one holds the logdir, --eval, --train --resume and a fresh --train stop at once,
+    naming the holder; the lock ends with its holder, even one killed with SIGKILL."""
+    hold = ("import sys, time; sys.path.insert(0, '.'); import lock; "
+            "lock.hold(sys.argv[1], 'python main.py --train (the first)'); print('held', flush=True); "
+            "time.sleep(120)")
+    fresh = os.path.join(os.path.dirname(run), "fresh")
+    os.makedirs(fresh)
+    holders = [subprocess.Popen([sys.executable, "-c", hold, folder], cwd=ROOT, stdout=subprocess.PIPE,
+                                text=True) for folder in (run, fresh)]
+    try:
+        assert [holder.stdout.readline().strip() for holder in holders] == ["held", "held"]
+        before = snapshot(os.path.dirname(run))
+        for folder, args in ((run, ["--notrain", "--eval", "--num_images", "4"]),
+                             (run, ["--train", "--resume", "--total_steps", "3"]), (fresh, ["--train"])):
+            holder = holders[folder == fresh]
+            result = run_main("--logdir", folder, *args)
+            assert_one_line_error(result, f"{folder} is in use by pid {holder.pid} on ",
+                                  "(python main.py --train (the first))")
+        assert snapshot(os.path.dirname(run)) == before
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+    result = run_main("--logdir", run, "--train", "--resume", "--total_steps", "3", "--sample_step", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load(run)["step"] == 3
+
+
 def test_resume_applies_a_new_lr_and_removes_a_stale_temporary(run):
     with open(os.path.join(run, "ckpt.pt.tmp"), "wb") as stale:  # a save killed midway
         stale.write(b"\0" * 1000)
