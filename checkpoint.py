@@ -8,6 +8,8 @@ recorded (those have an rng entry, and the official layout).
 
     net = checkpoint.load_model("ckpt/cifar10")   # the EMA network, eval mode: net(x, t)
 """
+import hashlib
+import io
 import os
 import pickle
 import sys
@@ -43,12 +45,13 @@ NUMPY_ARRAYS = [_RECONSTRUCT, (_RECONSTRUCT, "numpy.core.multiarray._reconstruct
 TRAINING_KEYS = ("net_model", "ema_model", "optim", "sched", "step", "x_T")  # the seed port's
 
 
-def unsafe_globals(path):
-    """Names of the functions and classes a checkpoint's pickle calls beyond the allowed ones."""
+def unsafe_globals(source):
+    """Names of the functions and classes a checkpoint's pickle calls beyond the allowed ones;
+    source: a path or a file-like object."""
     allowed = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
                "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType"}
     try:
-        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(source)
                 if name not in allowed]
     except Exception:  # not a zip checkpoint: nothing to list
         return []
@@ -60,13 +63,42 @@ def load(path, required=()):
 
     required: keys the dict must have (TRAINING_KEYS to resume, "ema_model" to sample).
     """
+    return load_hashed(path, required)[0]
+
+
+def load_hashed(path, required=()):
+    """load's dict, and the sha256 (hex) of the bytes it was unpickled from.
+
+    The file is read once, into memory: a training run that saves meanwhile renames a new
+    file over path, and hashing path again would name that checkpoint, not the one loaded.
+    While it is unpickled, the bytes and the tensors are both held (about twice its size).
+    """
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
+        with open(path, "rb") as file:
+            content = file.read()
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({error.strerror})") from None
+    state = unpickle(content, path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of "
+                              "weights: not a checkpoint of this project or of the earlier port")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} (its keys: "
+                              f"{', '.join(map(str, state)) or 'none'}): not a training checkpoint "
+                              "of this project or of the earlier port")
+    return state, hashlib.sha256(content).hexdigest()
+
+
+def unpickle(content, path):
+    """torch.load of a checkpoint's bytes with weights_only=True; one line if that fails."""
+    try:
         with torch.serialization.safe_globals(NUMPY_ARRAYS):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        unsafe = unsafe_globals(path)
+        unsafe = unsafe_globals(io.BytesIO(content))
         if unsafe:
             raise CheckpointError(f"checkpoint {path} was not loaded: it calls {', '.join(unsafe[:3])}, "
                                   "which a checkpoint does not need and which may be unsafe (code run "
@@ -77,15 +109,6 @@ def load(path, required=()):
     except Exception as error:
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of "
-                              "weights: not a checkpoint of this project or of the earlier port")
-    missing = [key for key in required if key not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} (its keys: "
-                              f"{', '.join(map(str, state)) or 'none'}): not a training checkpoint "
-                              "of this project or of the earlier port")
-    return state
 
 
 def load_weights(module, state_dict, path):

@@ -23,6 +23,7 @@ import data
 import model
 from diffusion import BETA_SCHEDULES, LOSS_TYPES, MEAN_TYPES, SAMPLERS, SKIP_TYPES, VAR_TYPES, beta_schedule
 from errors import UserError
+from score.metrics import IS_SPLITS
 from score.scorer import FEATURES
 
 
@@ -315,6 +316,13 @@ class Config:
         require(self.training.sample_size >= 1 or not (self.actions.train or self.actions.progressive_every),
                 f"--sample_size must be at least 1 (the images of a sample grid), got "
                 f"{self.training.sample_size}")
+        scoring_samples = self.actions.eval and self.actions.score and not self.actions.eval_dir
+        require(self.eval.num_images >= IS_SPLITS or not scoring_samples,
+                f"--num_images must be at least {IS_SPLITS} to score them (the Inception Score's "
+                f"splits), got {self.eval.num_images}; or pass --noscore --save_samples")
+        require(self.eval.eval_num_images >= IS_SPLITS or not self.eval.eval_step,
+                f"--eval_num_images must be at least {IS_SPLITS} (the Inception Score's splits), got "
+                f"{self.eval.eval_num_images}")
         require(self.inspect.interp_lambdas >= 2 or not self.actions.interp_t,
                 f"--interp_lambdas must be at least 2 (the two ends), got {self.inspect.interp_lambdas}")
 

@@ -153,10 +153,10 @@ class ImageFiles(EncodedImages):
 
     def __init__(self, root, img_size, flip, channels):
         super().__init__(img_size, flip, channels)
+        # regular files only: a FIFO or device named x.png would block or never end a read
         self.paths = sorted(
-            os.path.join(folder, name)
-            for folder, _, names in os.walk(root) for name in names
-            if name.lower().endswith(IMAGE_EXTENSIONS))
+            path for folder, _, names in os.walk(root) for name in names
+            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path := os.path.join(folder, name)))
         if not self.paths:
             raise DatasetError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
 
@@ -178,11 +178,25 @@ def open_lmdb(path):
     real_path = os.path.realpath(path)
     if real_path not in LMDB_ENVS:
         try:
-            LMDB_ENVS[real_path] = lmdb.open(path, readonly=True, lock=False, readahead=False,
-                                             meminit=False)
+            env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
         except lmdb.Error as error:
             raise DatasetError(f"{path} is not a readable lmdb database: {error}") from None
+        check_not_truncated(path, env)
+        LMDB_ENVS[real_path] = env
     return LMDB_ENVS[real_path]
+
+
+def check_not_truncated(path, env):
+    """lmdb maps the file into memory: reading a page past the end of a truncated data.mdb (an
+    interrupted copy or download) kills the process with SIGBUS. The database's own page count
+    says how long the file must be; check it before any page is read."""
+    pages = env.info()["last_pgno"] + 1
+    needed = pages * env.stat()["psize"]
+    size = os.path.getsize(os.path.join(path, "data.mdb"))
+    if size < needed:
+        env.close()
+        raise DatasetError(f"{path}/data.mdb is truncated: {size:,} bytes, where its {pages:,} pages "
+                           f"need {needed:,}; copy or download the database again")
 
 
 def key_cache_paths(db_path):

@@ -8,7 +8,9 @@ the number of processes. Each finished batch leaves its features (and, with --sa
 its 8-bit images) in <logdir>/eval_state/<key>/, written atomically, where the key hashes the
 checkpoint and every flag the samples depend on. An interrupted --eval (a signal, kill -9, a
 crash) run again with the same flags continues after the last finished batch and ends with
-the numbers of an uninterrupted run; a new checkpoint or other flags start afresh. Only
+the numbers of an uninterrupted run; a new checkpoint or other flags start a store of their
+own and keep the others (see BatchStore). Finished batches are checked before any sampling:
+a malformed one is drawn again. Only
 features (2,048 floats per image for Inception) and the first grid's images are held, so
 memory grows with the number of samples, not with the image size.
 """
@@ -16,7 +18,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
+import re
+import shlex
+import stat
 import sys
 import time
 import zipfile
@@ -35,6 +39,7 @@ import files
 import reports
 import speed
 from builders import build_diffusion, build_model, build_sampler
+from errors import UserError
 from reports import grid
 from streams import BPD_NOISE, EVAL_NOISE, INSPECT_NOISE, generator
 from score import Evaluator, default_feature, gather, load_images, save_images
@@ -86,47 +91,168 @@ def sample_batches(config, sampler, net, num_images, device, skip=(), desc="gene
         yield i, (sampler(net, x_T, generator=noise) + 1) / 2
 
 
+STORE_MARKER = "ddpm-eval"  # identity.json's "store": a folder this program made and may delete from
+OWN_FILE = re.compile(r"(identity\.json|batch_\d{6,}\.pt)(\.\d+\.tmp)?")  # what a store writes
+
+
+class StoreError(UserError, RuntimeError):
+    """An evaluation store that cannot be made, or a finished batch that cannot be used."""
+
+
+def read_identity(folder):
+    """The JSON of folder/identity.json if it is a regular file (a symlink is not followed),
+    else None."""
+    path = os.path.join(folder, "identity.json")
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        with open(path, "rb") as file:
+            return json.loads(file.read())
+    except (OSError, ValueError):
+        return None
+
+
+def is_store(folder):
+    """Whether folder is a folder (not a symlink to one) with a store's identity record."""
+    record = read_identity(folder) if os.path.isdir(folder) and not os.path.islink(folder) else None
+    return isinstance(record, dict) and record.get("store") == STORE_MARKER
+
+
+def other_stores(root, key):
+    """[(path, finished batches, bytes)] of the stores in root but key's, by name."""
+    found = []
+    for entry in sorted(os.scandir(root), key=lambda entry: entry.name):
+        if entry.name != key and is_store(entry.path):
+            inside = [item for item in os.scandir(entry.path) if item.is_file(follow_symlinks=False)]
+            found.append((entry.path, sum(1 for item in inside if item.name.startswith("batch_")),
+                          sum(item.stat(follow_symlinks=False).st_size for item in inside)))
+    return found
+
+
+def mismatch(record, layout):
+    """Why a loaded batch is not what this evaluation writes (keys, each tensor's dtype and
+    shape, finite numbers), or None when it is."""
+    if not isinstance(record, dict) or set(record) != set(layout):
+        found = sorted(map(str, record)) if isinstance(record, dict) else type(record).__name__
+        return f"keys {found}, expected {sorted(layout)}"
+    for name, (dtype, shape) in layout.items():
+        tensor = record[name]
+        if not torch.is_tensor(tensor) or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            found = (f"{str(tensor.dtype)[6:]} {tuple(tensor.shape)}" if torch.is_tensor(tensor)
+                     else type(tensor).__name__)
+            return f"{name} is {found}, expected {str(dtype)[6:]} {shape}"
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"{name} holds NaN or inf"
+    return None
+
+
 class BatchStore:
     """The finished batches of one --eval: <logdir>/eval_state/<key>/batch_<i>.pt, each a dict
-    of tensors written atomically. key: a hash of `identity`, everything the batches depend
-    on; the main process removes the folders of other keys when it opens its own."""
+    of tensors written atomically, beside identity.json (marked "store": STORE_MARKER), which
+    makes the folder this store's. key: a hash of `identity`, everything the batches depend
+    on. layout(i): {name: (dtype, shape)} of batch i; a batch is used only once it fits.
 
-    def __init__(self, logdir, identity):
-        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-        root = os.path.join(logdir, "eval_state")
-        self.folder = os.path.join(root, key)
+    It deletes only what it wrote: a finished batch that does not fit (to draw it again), and
+    at the end its own files and then its folder. Other stores (other flags or another
+    checkpoint) are kept, since a quick check must not cost an interrupted long evaluation
+    its batches, and listed; whatever else is in eval_state is left alone. eval_state may be
+    a symlink to scratch storage for a large evaluation: it is used, not refused (that is why
+    it was linked), the store deletes there only what it wrote, as anywhere, and the link and
+    the folder it points to are never removed."""
+
+    def __init__(self, logdir, identity, layout):
+        self.key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.root = os.path.join(logdir, "eval_state")
+        self.folder = os.path.join(self.root, self.key)
+        self.layout = layout
         if distributed.is_main():
-            os.makedirs(self.folder, exist_ok=True)
-            for other in os.listdir(root):
-                if other != key:
-                    shutil.rmtree(os.path.join(root, other), ignore_errors=True)
-            files.write_bytes(os.path.join(self.folder, "identity.json"),
-                              json.dumps(identity, indent=1, sort_keys=True).encode())
+            self.open(identity)
         distributed.barrier()
+
+    def open(self, identity):
+        """Make this store's folder, or take it up again (main process); list the others."""
+        expected = json.loads(json.dumps(identity))  # as identity.json holds it: lists, not tuples
+        record = read_identity(self.folder)
+        mine = is_store(self.folder) and record.get("identity") == expected
+        legacy = record == expected and not os.path.islink(self.folder)  # before stores were marked
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            if not os.path.lexists(self.folder):
+                os.mkdir(self.folder)
+            elif not (mine or legacy or (os.path.isdir(self.folder) and not os.path.islink(self.folder)
+                                         and not os.listdir(self.folder))):
+                raise StoreError(f"{self.folder} is not this evaluation's store (it has no identity.json "
+                                 "of it): move it away, or use another --logdir; nothing was changed")
+        except OSError as error:
+            broken = os.path.islink(self.root) and not os.path.exists(self.root)  # purged scratch storage
+            raise StoreError(f"cannot make {self.folder}: " + (
+                f"{self.root} links to {os.readlink(self.root)}, which does not exist" if broken
+                else error.strerror or str(error))) from None
+        files.write_bytes(os.path.join(self.folder, "identity.json"), json.dumps(
+            {"store": STORE_MARKER, "identity": identity}, indent=1, sort_keys=True).encode())
+        others = other_stores(self.root, self.key)
+        if others:
+            listed = "; ".join(f"{os.path.basename(path)}: {count} batches, {files.readable(size)}"
+                               for path, count, size in others)
+            print(f"note: {len(others)} other unfinished evaluation(s) kept in {self.root} ({listed}): "
+                  f"remove them with rm -r {' '.join(shlex.quote(path) for path, _, _ in others)}",
+                  file=sys.stderr)
 
     def path(self, i):
         return os.path.join(self.folder, f"batch_{i:06d}.pt")
 
+    def read(self, i):
+        """(batch i, None), or (None, why it cannot be used)."""
+        try:
+            record = torch.load(self.path(i), map_location="cpu", weights_only=True)
+        except Exception as error:
+            detail = str(error).splitlines()[0] if str(error) else "no detail"
+            return None, f"{type(error).__name__}: {detail}"
+        why = mismatch(record, self.layout(i))
+        return (None, why) if why else (record, None)
+
     def finished(self, batches):
-        return {i for i in batches if os.path.exists(self.path(i))}
+        """Those of `batches` already on disk and sound. Each is loaded and checked against its
+        layout; one that does not fit is deleted with a note, to be drawn again (batch i's
+        noise is seeded by i: the same batch)."""
+        done = set()
+        for i in batches:
+            if not os.path.exists(self.path(i)):
+                continue
+            why = self.read(i)[1]
+            if why is None:
+                done.add(i)
+                continue
+            print(f"note: {self.path(i)} is unreadable or malformed ({why}); drawing batch {i} again",
+                  file=sys.stderr)
+            os.remove(self.path(i))
+        return done
 
     def save(self, i, tensors):
         files.write_atomically(self.path(i), lambda file: torch.save(tensors, file),
                                files.state_size(tensors))
 
     def load(self, i):
-        try:
-            return torch.load(self.path(i), map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise checkpoint.CheckpointError(
-                f"{self.path(i)} is unreadable ({type(error).__name__}); delete {self.folder} "
-                "to start this evaluation afresh") from None
+        record, why = self.read(i)
+        if why:
+            raise StoreError(f"{self.path(i)} is unreadable or malformed ({why}); run the same command "
+                             "again to draw that batch again")
+        return record
 
     def remove(self):
-        shutil.rmtree(self.folder, ignore_errors=True)
-        root = os.path.dirname(self.folder)
-        if os.path.isdir(root) and not os.listdir(root):
-            os.rmdir(root)
+        """Delete the files this store writes and then its folder, and eval_state once empty
+        unless it is a symlink. os.remove never follows a symlink; a folder that holds anything
+        else stays."""
+        for entry in os.scandir(self.folder):
+            if OWN_FILE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.remove(entry.path)
+        try:
+            os.rmdir(self.folder)
+        except OSError:
+            print(f"note: kept {self.folder}: it holds files this evaluation did not write", file=sys.stderr)
+            return
+        if not os.path.islink(self.root) and not os.listdir(self.root):
+            os.rmdir(self.root)
 
 
 def report(logdir, scores, step, writer=None, protocol=None):
@@ -188,10 +314,11 @@ def describe(record):
 def load_ema(config, device):
     """The EMA network of <logdir>/ckpt.pt, its step, and the checkpoint's short sha256."""
     path = os.path.join(config.run.logdir, "ckpt.pt")
-    state = checkpoint.load(path, required=("ema_model",))
+    # the hash of the bytes loaded: a training run may save a new ckpt.pt meanwhile
+    state, sha256 = checkpoint.load_hashed(path, required=("ema_model",))
     ema = build_model(config.model, config.diffusion, checkpoint.layout_of(state, path, config.model.layout))
     checkpoint.load_weights(ema, state["ema_model"], path)
-    return ema.to(device).eval(), state.get("step"), short_sha256(path)
+    return ema.to(device).eval(), state.get("step"), sha256[:12]
 
 
 def store_identity(config, ckpt_sha256, layout, fast, evaluator):
@@ -231,7 +358,9 @@ def evaluate(config, device_type):
     ema, step, ckpt_sha256 = load_ema(config, device)
     net, sampler = speed.wrap(speed.to_layout(ema, fast), fast), build_sampler(config.sampling, config.diffusion)
     sampler = sampler.to(device)
-    store = BatchStore(config.run.logdir, store_identity(config, ckpt_sha256, ema.layout, fast, evaluator))
+    widths = feature_widths(evaluator, config, device) if evaluator is not None else None
+    store = BatchStore(config.run.logdir, store_identity(config, ckpt_sha256, ema.layout, fast, evaluator),
+                       lambda i: batch_layout(config, widths, i))
     num_batches = -(-config.eval.num_images // config.eval.eval_batch_size)
     mine = range(*my_block(num_batches))
     done = store.finished(mine)
@@ -258,6 +387,30 @@ def evaluate(config, device_type):
 def saves_to_folder(config):
     path = config.actions.save_samples
     return bool(path) and not path.endswith(".npz")
+
+
+def feature_widths(evaluator, config, device):
+    """(D, K): how many features and logits the feature network gives per image of this model."""
+    model = config.model
+    blank = torch.zeros((1, model.img_channels, model.img_size, model.img_size), device=device)
+    features, logits = evaluator.features(blank)
+    return features.shape[1], logits.shape[1]
+
+
+def batch_layout(config, widths, i):
+    """{name: (dtype, shape)} of what batch_record keeps of batch i; widths: feature_widths, or
+    None when nothing is scored."""
+    model, batch = config.model, config.eval.eval_batch_size
+    size = min(batch, config.eval.num_images - i * batch)
+    image = (model.img_channels, model.img_size, model.img_size)
+    layout = {}
+    if widths is not None:
+        layout.update(features=(torch.float32, (size, widths[0])), logits=(torch.float32, (size, widths[1])))
+    if config.actions.save_samples and not saves_to_folder(config):
+        layout["samples"] = (torch.uint8, (size, *image))
+    if i * batch < GRID_IMAGES:
+        layout["grid"] = (torch.uint8, (min(size, GRID_IMAGES - i * batch), *image))
+    return layout
 
 
 def batch_record(config, evaluator, i, images):

@@ -150,6 +150,8 @@ def test_resume_refuses_a_new_schedule_or_layout_and_lets_the_rest_change(tmp_pa
     (dict(interp_t=("5",), T=100, sample_steps=10), "--interp_t 5 is not one of the sampler's"),
     (dict(unknown_flag=1), "unknown configuration field(s): unknown_flag"),
     (dict(eval=True, score=False), "--noscore only draws samples"),
+    (dict(eval=True, num_images=9), "--num_images must be at least 10 to score them"),
+    (dict(eval_step=100, eval_num_images=4), "--eval_num_images must be at least 10"),
 ])
 def test_each_configuration_refuses_what_cannot_work_in_one_line(values, message):
     with pytest.raises(ConfigError) as error:

@@ -165,6 +165,34 @@ def test_the_key_list_is_cached_once_and_never_in_the_working_directory(tmp_path
     assert os.listdir(tmp_path / "cwd") == []
 
 
+def test_a_truncated_database_is_refused_at_open(tmp_path):
+    """lmdb maps data.mdb into memory: reading past the end of a truncated file (an interrupted
+    copy) kills Python with SIGBUS. Opening it is one DatasetError naming the sizes; run in a
+    child process, so that a missing check shows as its death by signal, not this one's."""
+    db = tmp_path / "lsun" / "church_outdoor_train_lmdb"
+    write_lmdb(str(db), {lsun_key(i): encoded(i, "JPEG") for i in range(40)})
+    with open(db / "data.mdb", "r+b") as file:
+        file.truncate(os.path.getsize(db / "data.mdb") // 2)
+    read_all = ("import sys; sys.path.insert(0, sys.argv[1]); import data\n"
+                "try:\n"
+                "    images = data.build_dataset('lsun_church', sys.argv[2], 16)\n"
+                "    [images[i] for i in range(len(images))]\n"
+                "except data.DatasetError as error:\n"
+                "    sys.exit(f'error: {error}')\n")
+    result = subprocess.run([sys.executable, "-c", read_all, ROOT, str(tmp_path / "lsun")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert f"{db}/data.mdb is truncated" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_only_regular_files_count_as_images(tmp_path):
+    """A FIFO named x.png would block the loader forever on its first read."""
+    picture(0, 8, 8).save(tmp_path / "real.png")
+    os.mkfifo(tmp_path / "x.png")
+    images = data.build_dataset("folder", str(tmp_path), 8)
+    assert images.paths == [str(tmp_path / "real.png")]
+
+
 def train_command(name, root, size, logdir, *extra):
     """main.py training 2 steps of a small UNet: 32 channels, levels down to 8x8, where its one
     attention block sits; at 256x256, a batch of one image (a step costs ~1 s on one core)."""

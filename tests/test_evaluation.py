@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import checkpoint
+import evaluate
 import streams
+from config import Config
 from diffusion import GaussianDiffusionSampler, beta_schedule
 from score import Evaluator
 from score.metrics import to_uint8
@@ -161,3 +163,184 @@ def test_an_inception_fid_below_50000_samples_is_recorded_as_not_comparable():
     assert "comparable" not in evaluate.protocol_record(flags, sampler, evaluator, 50_000, 7, "c" * 12, time.time())
     evaluator.feature = "digits"
     assert "comparable" not in evaluate.protocol_record(flags, sampler, evaluator, 100, 7, "c" * 12, time.time())
+
+
+# ---------------------------------------------------------------- the store keeps what is not its own
+
+
+def evaluate_here(logdir, num_images, **values):
+    """--eval of logdir's checkpoint with batches of BATCH, in this process (evaluate.evaluate,
+    as main.py calls it, without the seconds of starting main.py)."""
+    with open(os.path.join(logdir, "flagfile.txt")) as file:
+        text = file.read()
+    evaluate.evaluate(Config.from_flagfile_text(text, logdir=logdir, eval=True, num_images=num_images,
+                                                eval_batch_size=BATCH, **values), "cpu")
+
+
+class Killed(Exception):
+    """Stands for a kill -9 right after a batch was saved."""
+
+
+def killed_after(monkeypatch, count, logdir, num_images, **values):
+    """evaluate_here, stopped once `count` batches are finished; the store's folder."""
+    save, saved = evaluate.BatchStore.save, []
+
+    def save_then_die(store, i, tensors):
+        save(store, i, tensors)
+        saved.append(store.folder)
+        if len(saved) == count:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate.BatchStore, "save", save_then_die)
+        with pytest.raises(Killed):
+            evaluate_here(logdir, num_images, **values)
+    return saved[0]
+
+
+def tree(folder):
+    """{path relative to folder: file content} of every file under folder."""
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def notes(capsys, text):
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:") and text in line]
+
+
+@pytest.mark.slow
+def test_a_quick_eval_keeps_other_stores_and_foreign_files_in_a_symlinked_eval_state(
+        trained, tmp_path, monkeypatch, capsys):
+    """eval_state a symlink to scratch storage that holds other things: an interrupted 16-image
+    evaluation, then a quick 12-image one, then the first again. The quick one lists the first's
+    store in one line and deletes nothing but its own; the first resumes from its 2 batches to
+    the all-at-once scores. Catches the store deleting what is not its own (through the link)."""
+    logdir = copy_run(trained, str(tmp_path / "run"))
+    scratch = tmp_path / "scratch"
+    (scratch / "keep").mkdir(parents=True)
+    (scratch / "keep" / "results.txt").write_text("someone else's")
+    os.symlink(scratch, os.path.join(logdir, "eval_state"))
+    foreign = tree(scratch)
+    first = killed_after(monkeypatch, 2, logdir, 16)
+    assert os.path.dirname(first) == os.path.join(logdir, "eval_state")
+    kept = tree(first)
+    assert sorted(kept) == ["batch_000000.pt", "batch_000001.pt", "identity.json"]
+    capsys.readouterr()
+    evaluate_here(logdir, 12)
+    (note,) = notes(capsys, "other unfinished evaluation")
+    assert note.startswith(f"note: 1 other unfinished evaluation(s) kept in {logdir}/eval_state (")
+    assert f"{os.path.basename(first)}: 2 batches, " in note and note.endswith(f"rm -r {first}")
+    assert tree(first) == kept and sorted(os.listdir(scratch)) == sorted(["keep", os.path.basename(first)])
+    evaluate_here(logdir, 16)
+    assert notes(capsys, "other unfinished") == []
+    expected, _ = all_at_once(trained, num_images=16)
+    for name in ("FID", "IS", "IS_std"):
+        assert last_record(logdir)[name] == pytest.approx(expected[name], rel=1e-6), name
+    assert os.readlink(os.path.join(logdir, "eval_state")) == str(scratch) and tree(scratch) == foreign
+
+
+def test_a_symlinked_eval_state_and_the_folder_it_points_to_outlive_the_store(tmp_path):
+    """The finished store removes its own folder only: an empty scratch folder behind the
+    eval_state link stays for the next evaluation. Catches removing eval_state through the link."""
+    scratch, logdir = tmp_path / "scratch", tmp_path / "run"
+    scratch.mkdir()
+    logdir.mkdir()
+    os.symlink(scratch, logdir / "eval_state")
+    layout = {"grid": (torch.uint8, (1, 1, 2, 2))}
+    store = evaluate.BatchStore(str(logdir), {"any": "identity"}, lambda i: layout)
+    store.save(0, {"grid": torch.zeros((1, 1, 2, 2), dtype=torch.uint8)})
+    assert store.finished(range(2)) == {0}
+    store.remove()
+    assert os.readlink(logdir / "eval_state") == str(scratch) and os.listdir(scratch) == []
+
+
+def test_a_folder_at_the_stores_key_is_used_only_with_the_stores_identity(tmp_path):
+    """The store's own folder is found by its key; it is taken up only if its identity.json is
+    the store's (or, as written before stores were marked, the identity itself), so a folder
+    of other files there is refused, untouched, rather than filled and deleted at the end."""
+    layout = {"grid": (torch.uint8, (1, 1, 2, 2))}
+    store = evaluate.BatchStore(str(tmp_path), {"any": ["identity"]}, lambda i: layout)
+    store.save(0, {"grid": torch.zeros((1, 1, 2, 2), dtype=torch.uint8)})
+    identity = os.path.join(store.folder, "identity.json")
+    with open(identity, "w") as file:
+        json.dump({"any": ["identity"]}, file)  # an unmarked store of this identity
+    again = evaluate.BatchStore(str(tmp_path), {"any": ["identity"]}, lambda i: layout)
+    assert again.finished(range(1)) == {0} and json.load(open(identity))["store"] == "ddpm-eval"
+    os.remove(identity)
+    before = tree(store.folder)
+    with pytest.raises(evaluate.StoreError, match="is not this evaluation's store"):
+        evaluate.BatchStore(str(tmp_path), {"any": ["identity"]}, lambda i: layout)
+    assert tree(store.folder) == before
+
+
+@pytest.mark.slow
+def test_malformed_finished_batches_are_drawn_again_to_the_uninterrupted_results(
+        trained, tmp_path, monkeypatch, capsys):
+    """An evaluation killed after 5 of its 6 batches, then: batch 0 truncated, batch 1 with a
+    renamed key, batch 2 missing a sample, batch 3 with NaN logits. Run again, each is named
+    in one note and drawn again, and the scores and the .npz are those of the all-at-once path.
+    Catches finished batches used unchecked (a traceback, a short .npz or a NaN score), and
+    a folder in eval_state that is not a store deleted."""
+    logdir = copy_run(trained, str(tmp_path / "run"))
+    os.makedirs(os.path.join(logdir, "eval_state", "mine"))
+    with open(os.path.join(logdir, "eval_state", "mine", "notes.txt"), "w") as file:
+        file.write("not the store's")
+    npz = str(tmp_path / "samples.npz")
+    folder = killed_after(monkeypatch, 5, logdir, 24, save_samples=npz)
+    path = [os.path.join(folder, f"batch_{i:06d}.pt") for i in range(5)]
+    with open(path[0], "r+b") as file:
+        file.truncate(os.path.getsize(path[0]) // 2)
+    batches = {i: torch.load(path[i], weights_only=True) for i in (1, 2, 3)}
+    batches[1]["feature"] = batches[1].pop("features")
+    batches[2]["samples"] = batches[2]["samples"][1:]
+    batches[3]["logits"][0, 0] = float("nan")
+    for i, batch in batches.items():
+        torch.save(batch, path[i])
+    capsys.readouterr()
+    evaluate_here(logdir, 24, save_samples=npz)
+    redrawn = notes(capsys, "is unreadable or malformed")
+    assert len(redrawn) == 4
+    for i, why in enumerate(["RuntimeError", "keys ['feature', 'grid', 'logits', 'samples']",
+                             "samples is uint8 (3, 1, 8, 8), expected uint8 (4, 1, 8, 8)", "logits holds NaN"]):
+        assert redrawn[i].startswith(f"note: {path[i]} is unreadable or malformed (") and why in redrawn[i]
+        assert redrawn[i].endswith(f"drawing batch {i} again")
+    expected, images = all_at_once(trained, num_images=24)
+    for name in ("FID", "IS", "IS_std"):
+        assert last_record(logdir)[name] == pytest.approx(expected[name], rel=1e-6), name
+    with np.load(npz) as stored:
+        np.testing.assert_array_equal(stored["arr_0"], to_uint8(images).permute(0, 2, 3, 1).numpy())
+    assert os.listdir(os.path.join(logdir, "eval_state")) == ["mine"]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_the_recorded_hash_is_that_of_the_checkpoint_loaded_while_a_run_saves_another(
+        trained, tmp_path, monkeypatch, when):
+    """A training run renames a new ckpt.pt over the old one just before or just after the
+    evaluation unpickles it: the weights and the hash must come from the same bytes, those
+    read first. Catches hashing the path again after loading, or loading it again after
+    hashing."""
+    logdir = copy_run(trained, str(tmp_path / "run"))
+    path = os.path.join(logdir, "ckpt.pt")
+    with open(path, "rb") as file:
+        read = hashlib.sha256(file.read()).hexdigest()[:12]
+    saved = torch.load(path, weights_only=True)
+    newer = {**saved, "step": saved["step"] + 1,
+             "ema_model": {name: tensor + 1 for name, tensor in saved["ema_model"].items()}}
+    load, replaced = torch.load, []
+
+    def load_while_saving(*args, **kwargs):
+        if when == "before" and not replaced:
+            replaced.append(checkpoint.save(path, newer))
+        state = load(*args, **kwargs)
+        if when == "after" and not replaced:
+            replaced.append(checkpoint.save(path, newer))
+        return state
+
+    monkeypatch.setattr(torch, "load", load_while_saving)
+    ema, step, sha256 = evaluate.load_ema(Config.from_flagfile_text(
+        open(os.path.join(logdir, "flagfile.txt")).read(), logdir=logdir), "cpu")
+    monkeypatch.undo()
+    assert replaced and checkpoint.load(path)["step"] == saved["step"] + 1  # the race happened
+    assert step == saved["step"] and sha256 == read
+    for name, tensor in ema.state_dict().items():
+        assert torch.equal(tensor, saved["ema_model"][name]), name
