@@ -13,22 +13,40 @@ Only the official model's family converts: DownBlock2D / AttnDownBlock2D and the
 one attention head, GroupNorm(32, eps 1e-6), the official positional embedding and TF-"SAME"
 downsampling; anything else is refused, naming the field.
 
+The files handed in are untrusted. Before anything is allocated or written, every field of the
+configs that is used is checked: its type here, its range by the configuration classes that
+check main.py's flags (the error names the diffusers field). Then the weights' names and shapes
+must be exactly those of the network the configs describe, built on the meta device (shapes,
+no memory), so that a small config asking for gigabytes gets one line. A --logdir that holds a
+run's flagfile.txt or ckpt.pt is refused unless --force.
+
 Export writes a DDPMPipeline folder (model_index.json, unet/, scheduler/) of a model trained
-here in the official layout.
+here in the official layout, into a new or empty folder.
+
+Both write into a temporary folder beside the target, <target>.<pid>.tmp: export renames it to
+the target; import, holding the logdir's lock (lock.py), moves its two files into the logdir
+together, with the stop signals held back. An error, a full disk or SIGINT/SIGTERM (exit status
+128 + the signal) leaves the target as it was and removes the folders the command made.
 """
 import argparse
+import contextlib
 import json
+import math
 import os
 import re
+import shutil
+import signal
 import sys
 
 import torch
 
 import checkpoint
 import files
+import lock
 import model
+import signals
 from builders import build_model
-from config import Config, flagfile_text
+from config import Config, ConfigError, flagfile_text
 from errors import UserError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -57,11 +75,93 @@ ATTENTION_NAMES = {"group_norm": "group_norm", "proj_q": "to_q", "proj_k": "to_k
 # Attention names of diffusers checkpoints saved before its attention rewrite.
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 EMBEDDING_TABLE = "time_embedding.timembedding.0.weight"  # computed here, on the fly there
+RUN_FILES = ("flagfile.txt", "ckpt.pt")  # what import writes; a logdir holding either holds a run
+# The schedule and the timestep embedding table have a row per diffusion step: a larger count in
+# an untrusted scheduler config would only ask for memory (the official models have 1000).
+MAX_TIMESTEPS = 100_000
+# Every ResBlock has at least this many tensors (two GroupNorms, two convolutions and the time
+# projection, a weight and a bias each): a config with more blocks than its weights could hold
+# is refused before its network is built, even on the meta device.
+TENSORS_PER_RESBLOCK = 10
 
 
 class ConversionError(UserError, ValueError):
     """A source, configuration or destination that cannot be converted; one line says why."""
 
+
+# ------------------------------------------------------------- the kinds of the config fields
+
+def is_integer(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_name(value):
+    return isinstance(value, str)
+
+
+def is_names(value):
+    return isinstance(value, (list, tuple)) and all(map(is_name, value))
+
+
+def is_widths(value):
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(is_integer(width) and width > 0 for width in value))
+
+
+def is_size(value):
+    """An image size as diffusers writes it: null, n or [n, n]."""
+    return value is None or is_integer(value) or (
+        isinstance(value, (list, tuple)) and len(value) == 2 and is_integer(value[0]) and value[0] == value[1])
+
+
+def is_head_dim(value):
+    return value is None or (is_integer(value) and value > 0)
+
+
+# The fields convert.py reads, with their kind, checked before any is used; their ranges are the
+# configuration's (run_config): one set of rules with main.py's flags.
+UNET_FIELDS = {"block_out_channels": (is_widths, "a list of positive integers"),
+               "down_block_types": (is_names, "a list of block type names"),
+               "up_block_types": (is_names, "a list of block type names"),
+               "layers_per_block": (is_integer, "one integer (the ResBlocks of every level)"),
+               "in_channels": (is_integer, "an integer"), "out_channels": (is_integer, "an integer"),
+               "attention_head_dim": (is_head_dim, "null or a positive integer"),
+               "sample_size": (is_size, "null, an integer or [size, size]"),
+               "dropout": (is_finite, "a finite number")}
+REQUIRED_UNET_FIELDS = ("block_out_channels", "down_block_types", "up_block_types")
+SCHEDULER_FIELDS = {"num_train_timesteps": (is_integer, "an integer"),
+                    "beta_start": (is_finite, "a finite number"), "beta_end": (is_finite, "a finite number"),
+                    "beta_schedule": (is_name, "a name"), "variance_type": (is_name, "a name"),
+                    "prediction_type": (is_name, "a name"),
+                    "clip_sample": (lambda value: isinstance(value, bool), "true or false")}
+# The flags written from a diffusers field, so that a refused flag's error names the field.
+UNET_FLAGS = {"ch": "block_out_channels", "ch_mult": "block_out_channels", "attn": "down_block_types",
+              "num_res_blocks": "layers_per_block", "img_channels": "in_channels", "img_size": "sample_size",
+              "dropout": "dropout"}
+SCHEDULER_FLAGS = {"T": "num_train_timesteps", "beta_1": "beta_start", "beta_T": "beta_end"}
+
+
+def shown(value):
+    """A config's value as an error shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_fields(content, kinds, required=()):
+    """ConversionError naming the first field that is missing or not of its kind."""
+    for field in required:
+        if field not in content:
+            raise ConversionError(f"{field} is missing")
+    for field, (test, expected) in kinds.items():
+        if field in content and not test(content[field]):
+            raise ConversionError(f"{field} must be {expected}, got {shown(content[field])}")
+
+
+# ------------------------------------------------------------- the names of the tensors
 
 def module_names(ch_mult, attn, num_res_blocks):
     """{module path here: module path in a diffusers UNet2DModel} for every layer with weights."""
@@ -97,11 +197,12 @@ def module_names(ch_mult, attn, num_res_blocks):
     return names
 
 
-def tensor_names(net, architecture):
-    """{tensor name here: tensor name in diffusers} for every tensor of net but the table."""
-    modules = module_names(architecture["ch_mult"], architecture["attn"], architecture["num_res_blocks"])
+def tensor_names(state_dict, unet):
+    """{tensor name here: tensor name in diffusers} for every tensor but the table of a state
+    dict of the network of `unet` (a ModelConfig)."""
+    modules = module_names(unet.ch_mult, unet.attn, unet.num_res_blocks)
     names = {}
-    for name in net.state_dict():
+    for name in state_dict:
         if name == EMBEDDING_TABLE:
             continue
         path, _, kind = name.rpartition(".")
@@ -110,7 +211,118 @@ def tensor_names(net, architecture):
 
 
 def is_attention_projection(name):
+    """Whether a tensor here is an attention q/k/v/out weight: a 1x1 convolution [C, C, 1, 1]
+    here, a Linear [C, C] in diffusers (the one reshape a conversion makes)."""
     return re.search(r"\.attn\.proj(_[qkv])?\.weight$", name) is not None
+
+
+# ------------------------------------------------------------- writing all or nothing
+
+def missing_folders(folder):
+    """The folders os.makedirs(folder) would make, outermost first."""
+    missing, folder = [], os.path.abspath(folder)
+    while not os.path.lexists(folder):
+        missing.insert(0, folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def remove(path):
+    """A file or a folder and all it holds, gone; nothing if it is not there. Used while a
+    failure is being reported, so a removal that fails too is passed over."""
+    with contextlib.suppress(OSError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+@contextlib.contextmanager
+def staging(target, folder):
+    """Yields (a temporary folder beside target to write into, <target>.<pid>.tmp; the list of
+    paths this command made, to which the block adds its own), after making `folder` (target
+    itself, or the folder that holds it).
+
+    However the block ends, the temporary folder is removed. Unless it ends normally (an error,
+    a stop signal), every path made is removed too, and an OSError becomes one line.
+    """
+    stage = f"{os.path.abspath(target)}.{os.getpid()}{files.TEMPORARY}"
+    made, finished = missing_folders(folder), False
+    try:
+        remove(stage)  # a process with this pid left it, and that one is gone: containers reuse pids
+        os.makedirs(folder, exist_ok=True)
+        os.mkdir(stage)
+        yield stage, made
+        finished = True
+    except OSError as error:
+        raise ConversionError(f"cannot write {target}: {error.strerror or error}; nothing was "
+                              "changed there") from None
+    finally:
+        with stops_held():  # a second Ctrl-C must not cut the clean-up short
+            for path in [stage] + ([] if finished else made[::-1]):
+                remove(path)
+
+
+@contextlib.contextmanager
+def stops_held():
+    """SIGINT and SIGTERM held back while the block runs, and delivered after it."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, signals.SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def move_in(stage, folder, names):
+    """Move stage/<name> over folder/<name> for each name, the stop signals held back meanwhile,
+    so that a stop cannot leave some of the files new and the others old."""
+    with stops_held():
+        for name in names:
+            os.replace(os.path.join(stage, name), os.path.join(folder, name))
+
+
+def check_logdir(logdir, force):
+    """One line if import may not write into logdir: it is not a folder, or it holds a run's
+    files (and --force was not given, or one of them is not a file)."""
+    if os.path.lexists(logdir) and not os.path.isdir(logdir):
+        raise ConversionError(f"--logdir {logdir} exists and is not a folder: choose another "
+                              "(nothing was changed)")
+    for name in RUN_FILES:
+        path = os.path.join(logdir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise ConversionError(f"{path} exists and is not a file: choose another --logdir "
+                                  "(nothing was changed)")
+        if os.path.lexists(path) and not force:
+            raise ConversionError(f"{logdir} already holds {name}: choose another --logdir, or pass "
+                                  f"--force to replace its {' and '.join(RUN_FILES)} (nothing was changed)")
+
+
+def write_run(logdir, flagfile, state, force):
+    """flagfile.txt (bytes) and ckpt.pt (a checkpoint's state) written into logdir together or
+    not at all, holding its lock: both go into a temporary folder beside it, then are moved in.
+    On failure the logdir is as it was; one this command made is removed."""
+    with staging(logdir, logdir) as (stage, made):
+        lock_file = os.path.join(logdir, lock.NAME)
+        fresh = not os.path.exists(lock_file)
+        lock.hold(logdir)
+        if fresh:
+            made.append(lock_file)
+        check_logdir(logdir, force)  # again: another command may have written there meanwhile
+        files.write_bytes(os.path.join(stage, "flagfile.txt"), flagfile)
+        checkpoint.save(os.path.join(stage, "ckpt.pt"), state)
+        move_in(stage, logdir, RUN_FILES)
+
+
+def write_pipeline(out, contents):
+    """{path inside out: bytes} written as the folder out, whole or not at all: into a temporary
+    folder beside it that is renamed to out at the end (an empty folder out is replaced; one
+    that filled meanwhile is kept, and the export refused)."""
+    with staging(out, os.path.dirname(os.path.abspath(out))) as (stage, _):
+        for relative, content in contents.items():
+            path = os.path.join(stage, relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            files.write_bytes(path, content)
+        os.rename(stage, out)
 
 
 # ---------------------------------------------------------------------------------- import
@@ -151,23 +363,37 @@ def download(name):
 
 
 def read_json(path):
+    """The settings of a JSON config file: an object, or one line saying what is wrong."""
     try:
-        with open(path) as file:
-            return json.load(file)
-    except (OSError, ValueError) as error:
+        with open(path, encoding="utf-8") as file:
+            content = json.load(file)
+    except (OSError, ValueError, RecursionError) as error:
         raise ConversionError(f"{path} is not readable JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise ConversionError(f"{path} holds a JSON {type(content).__name__}, not an object of settings")
+    return content
+
+
+def in_file(path, read, content):
+    """read(content), with a ConversionError's line starting with the file it is about."""
+    try:
+        return read(content)
+    except ConversionError as error:
+        raise ConversionError(f"{path}: {error}") from None
 
 
 def read_weights(folder):
-    """The state dict of a diffusers model folder, read without executing any pickle code."""
+    """(the state dict of a diffusers model folder, read without executing any pickle code; the
+    file it is in)."""
     safetensors_path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
     bin_path = os.path.join(folder, "diffusion_pytorch_model.bin")
+    path = safetensors_path if os.path.exists(safetensors_path) else bin_path
     try:
-        if os.path.exists(safetensors_path):
+        if path == safetensors_path:
             from safetensors.torch import load_file
-            weights = load_file(safetensors_path)
-        elif os.path.exists(bin_path):
-            weights = torch.load(bin_path, map_location="cpu", weights_only=True)
+            weights = load_file(path)
+        elif os.path.exists(path):
+            weights = torch.load(path, map_location="cpu", weights_only=True)
         else:
             raise ConversionError(f"{folder} has no diffusion_pytorch_model.safetensors or .bin")
     except ConversionError:
@@ -175,58 +401,69 @@ def read_weights(folder):
     except Exception as error:
         raise ConversionError(f"the weights in {folder} are unreadable ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+    if not isinstance(weights, dict) or not all(is_name(k) and torch.is_tensor(v) for k, v in weights.items()):
+        raise ConversionError(f"{path} holds a {type(weights).__name__}, not a dict of named tensors")
     for old, new in LEGACY_ATTENTION_NAMES.items():
         weights = {re.sub(rf"(attentions\.\d+)\.{old}\.", rf"\1.{new}.", name): value
                    for name, value in weights.items()}
-    return weights
+    return weights, path
 
 
-def architecture_from_config(config):
-    """UNet arguments of an official-family UNet2DModel config; ConversionError otherwise."""
-    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ConversionError(f"_class_name is {config['_class_name']}: only UNet2DModel converts")
-    for field, expected in OFFICIAL_SETTINGS.items():
-        if field in config and config[field] != expected:
-            raise ConversionError(f"{field} is {config[field]!r}; the official DDPM network has "
-                                  f"{expected!r}, which is all this project's UNet computes")
-    widths = list(config["block_out_channels"])
-    ch = widths[0]
-    if any(width % ch for width in widths):
-        raise ConversionError(f"block_out_channels {widths} are not multiples of the first, {ch}")
-    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+def attention_levels(down, up, levels):
+    """The levels with attention of an official-family UNet2DModel's block types."""
     if set(down) - {"DownBlock2D", "AttnDownBlock2D"}:
         raise ConversionError(f"down_block_types {down}: only DownBlock2D and AttnDownBlock2D convert")
     if set(up) - {"UpBlock2D", "AttnUpBlock2D"}:
         raise ConversionError(f"up_block_types {up}: only UpBlock2D and AttnUpBlock2D convert")
+    if len(down) != levels:
+        raise ConversionError(f"down_block_types has {len(down)} blocks and block_out_channels {levels} "
+                              "widths: one block per width is expected")
     attn = [level for level, kind in enumerate(down) if kind == "AttnDownBlock2D"]
     if len(up) != len(down) or sorted(len(up) - 1 - u for u, kind in enumerate(up) if kind == "AttnUpBlock2D") != attn:
         raise ConversionError(f"up_block_types {up} do not mirror down_block_types {down}")
     if not attn:
         raise ConversionError(f"down_block_types {down} have no attention level; the official "
                               "networks attend at 16x16")
+    return attn
+
+
+def architecture_from_config(config):
+    """The UNet flags of an official-family UNet2DModel config; ConversionError naming the field
+    otherwise. Each field's kind is checked first; the ranges, by the configuration."""
+    check_fields(config, UNET_FIELDS, REQUIRED_UNET_FIELDS)
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ConversionError(f"_class_name is {shown(config['_class_name'])}: only UNet2DModel converts")
+    for field, expected in OFFICIAL_SETTINGS.items():
+        if field in config and config[field] != expected:
+            raise ConversionError(f"{field} is {shown(config[field])}; the official DDPM network has "
+                                  f"{expected!r}, which is all this project's UNet computes")
+    widths = list(config["block_out_channels"])
+    ch = widths[0]
+    if any(width % ch for width in widths):
+        raise ConversionError(f"block_out_channels {widths} are not multiples of the first, {ch}")
+    attn = attention_levels(list(config["down_block_types"]), list(config["up_block_types"]), len(widths))
     head_dim = config.get("attention_head_dim")
     for width in [widths[level] for level in attn] + [widths[-1]]:
         if head_dim is not None and head_dim != width:
-            raise ConversionError(f"attention_head_dim {head_dim} gives {width // head_dim} heads at "
+            raise ConversionError(f"attention_head_dim {head_dim} gives {width / head_dim:g} heads at "
                                   f"{width} channels; the official network has one head")
     channels = config.get("in_channels", 3)
     if config.get("out_channels", channels) != channels:
         raise ConversionError(f"out_channels {config['out_channels']} differs from in_channels "
                               f"{channels}: only the fixed-variance models convert")
-    layers = config.get("layers_per_block", 2)
-    if not isinstance(layers, int):
-        raise ConversionError(f"layers_per_block {layers}: one count for every level is expected")
-    architecture = dict(ch=ch, ch_mult=[width // ch for width in widths], attn=attn,
-                        num_res_blocks=layers, in_ch=channels, out_ch=channels)
-    try:
-        model.check_architecture(ch, architecture["ch_mult"], attn, config.get("sample_size"))
-    except ValueError as error:
-        raise ConversionError(str(error)) from None
-    return architecture
+    flags = dict(ch=ch, ch_mult=[width // ch for width in widths], attn=attn,
+                 num_res_blocks=config.get("layers_per_block", 2), img_channels=channels, layout="official")
+    if "dropout" in config:
+        flags["dropout"] = float(config["dropout"])
+    size = config.get("sample_size")
+    if size is not None:  # none: the dataset configuration's
+        flags["img_size"] = size if is_integer(size) else size[0]
+    return flags
 
 
 def diffusion_flags(scheduler):
     """Flags of the noise schedule and sampler from a DDPMScheduler config."""
+    check_fields(scheduler, SCHEDULER_FIELDS)
     schedule = scheduler.get("beta_schedule", "linear")
     if schedule not in SCHEDULES.values() or scheduler.get("trained_betas"):
         raise ConversionError(f"beta_schedule {schedule!r}: only {' and '.join(SCHEDULES.values())} "
@@ -237,10 +474,14 @@ def diffusion_flags(scheduler):
     prediction = scheduler.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         raise ConversionError(f"prediction_type {prediction!r}: one of {', '.join(PREDICTIONS)} converts")
+    steps = scheduler.get("num_train_timesteps", 1000)
+    if steps > MAX_TIMESTEPS:
+        raise ConversionError(f"num_train_timesteps {steps} is more than {MAX_TIMESTEPS}, the most that "
+                              "converts (the schedule and the embedding table have a row per step)")
     return {"beta_schedule": {theirs: ours for ours, theirs in SCHEDULES.items()}[schedule],
-            "T": scheduler.get("num_train_timesteps", 1000), "beta_1": scheduler.get("beta_start", 1e-4),
-            "beta_T": scheduler.get("beta_end", 0.02), "var_type": VARIANCES[variance],
-            "mean_type": PREDICTIONS[prediction], "clip_denoised": bool(scheduler.get("clip_sample", True))}
+            "T": steps, "beta_1": float(scheduler.get("beta_start", 1e-4)),
+            "beta_T": float(scheduler.get("beta_end", 0.02)), "var_type": VARIANCES[variance],
+            "mean_type": PREDICTIONS[prediction], "clip_denoised": scheduler.get("clip_sample", True)}
 
 
 def guess_dataset(source):
@@ -252,84 +493,143 @@ def guess_dataset(source):
 
 
 def run_config(logdir, dataset, values):
-    """The configuration of the dataset's flagfile in config/ with `values` set, checked as
-    main.py checks its flags."""
+    """(the configuration of the dataset's flagfile in config/ with `values` set, checked as
+    main.py checks its flags; a note to print once the conversion is done, or None)."""
     flagfile = DATASET_CONFIGS.get(dataset)
     text = files.read_text(os.path.join(ROOT, "config", flagfile)) if flagfile else ""
-    steps = Config.from_flagfile_text(text).sampling.sample_steps
+    steps, note = Config.from_flagfile_text(text).sampling.sample_steps, None
     if steps > values.get("T", steps):  # the configuration's strided sampler is longer than this chain
-        print(f"note: --sample_steps {steps} of {flagfile} exceeds the model's T = {values['T']}: "
-              "writing --sample_steps 0 (all T)", file=sys.stderr)
+        note = (f"note: --sample_steps {steps} of {flagfile} exceeds the model's T = {values['T']}: "
+                "writing --sample_steps 0 (all T)")
         values = {**values, "sample_steps": 0}
-    return Config.from_flagfile_text(text, dataset=dataset, logdir=logdir, **values)
+    return Config.from_flagfile_text(text, dataset=dataset, logdir=logdir, **values), note
 
 
-def import_diffusers(source, logdir, dataset=None):
-    """Convert a diffusers folder or hub name into <logdir>/ckpt.pt and flagfile.txt."""
-    ckpt_path = os.path.join(logdir, "ckpt.pt")
-    if os.path.exists(ckpt_path):
-        raise ConversionError(f"{ckpt_path} exists; choose another --logdir (nothing was overwritten)")
+def refused(error, sources):
+    """The ConfigError of a converted configuration as one line that starts with the diffusers
+    fields it is about: sources, {flag: (file, field, value)} of the flags read from a file."""
+    named = {}
+    for flag, (path, field, value) in sources.items():
+        if re.search(rf"(?<!\w){flag}(?!\w)", str(error)):
+            named.setdefault(path, {})[field] = value
+    where = "; ".join(f"{path}: " + ", ".join(f"{field} {shown(value)}" for field, value in fields.items())
+                      for path, fields in named.items())
+    return ConversionError(f"{where or 'the converted configuration'}: {error}")
+
+
+def configuration(source, model_folder, scheduler_path, dataset, logdir):
+    """(the run's configuration from the diffusers configs, the notes to print once the
+    conversion is done). Every field is checked before anything is built; a value that the
+    configuration refuses is one line naming the diffusers field and its file."""
+    config_path = os.path.join(model_folder, "config.json")
+    config = read_json(config_path)
+    values = in_file(config_path, architecture_from_config, config)
+    sources = {flag: (config_path, field, config[field]) for flag, field in UNET_FLAGS.items() if field in config}
+    notes = []
+    if scheduler_path:
+        scheduler = read_json(scheduler_path)
+        values.update(in_file(scheduler_path, diffusion_flags, scheduler))
+        sources.update({flag: (scheduler_path, field, scheduler[field])
+                        for flag, field in SCHEDULER_FLAGS.items() if field in scheduler})
+    else:
+        notes.append(f"note: {source} has no scheduler config; the schedule of --dataset {dataset}'s "
+                     "configuration is kept")
+    try:
+        converted, note = run_config(logdir, dataset, values)
+    except ConfigError as error:
+        raise refused(error, {flag: found for flag, found in sources.items() if flag in values}) from None
+    return converted, notes + ([note] if note else [])
+
+
+def network_shapes(converted, config_path):
+    """The state dict of the network `converted` describes, built on the meta device: every
+    tensor's name and shape, and no memory however large the shapes."""
+    try:
+        with torch.device("meta"):
+            return build_model(converted.model, converted.diffusion).state_dict()
+    except (RuntimeError, OverflowError) as error:  # a size past what a tensor can describe
+        raise ConversionError(f"{config_path}: the network it describes is too large to build "
+                              f"({str(error).splitlines()[0]})") from None
+
+
+def check_fit(theirs, expected, names, path):
+    """One line unless the diffusers tensors are exactly those of the network: the same names,
+    floating point, each of its shape. The one reshape allowed: an attention projection's Linear
+    [C, C] there is the 1x1 convolution [C, C, 1, 1] here."""
+    missing = [their for their in names.values() if their not in theirs]
+    unused = sorted(set(theirs) - set(names.values()))
+    if missing or unused:
+        raise ConversionError(f"the weights in {path} do not fit its config.json: "
+                              + (f"{len(missing)} missing (first: {missing[0]})" if missing else "")
+                              + ("; " if missing and unused else "")
+                              + (f"{len(unused)} unexpected (first: {unused[0]})" if unused else ""))
+    for ours, their in names.items():
+        tensor, shape = theirs[their], tuple(expected[ours].shape)
+        allowed = {shape, shape[:2]} if is_attention_projection(ours) else {shape}
+        if tuple(tensor.shape) not in allowed:
+            raise ConversionError(f"{path}: {their} has shape {tuple(tensor.shape)}; the network of "
+                                  f"its config.json needs {shape}")
+        if not tensor.is_floating_point():
+            raise ConversionError(f"{path}: {their} holds {tensor.dtype}, not floating-point numbers")
+
+
+def converted_weights(model_folder, converted):
+    """This project's state dict of the diffusers weights in model_folder, for the network
+    `converted` describes. They must be its weights exactly (names, shapes, finite floating-point
+    values), which is checked before any tensor of the network is made."""
+    theirs, path = read_weights(model_folder)
+    unet = converted.model
+    blocks = len(unet.ch_mult) * (2 * unet.num_res_blocks + 1) + 2
+    if TENSORS_PER_RESBLOCK * blocks > len(theirs):
+        raise ConversionError(f"the weights in {path} do not fit its config.json: {len(theirs)} tensors, "
+                              f"and the {blocks} ResBlocks it describes have {TENSORS_PER_RESBLOCK * blocks} or more")
+    expected = network_shapes(converted, os.path.join(model_folder, "config.json"))
+    names = tensor_names(expected, unet)
+    check_fit(theirs, expected, names, path)
+    weights = {EMBEDDING_TABLE: model.timestep_embedding_table(converted.diffusion.T, unet.ch)}
+    for ours, their in names.items():
+        if not torch.isfinite(theirs[their]).all():
+            raise ConversionError(f"{path}: {their} holds NaN or infinite values")
+        weights[ours] = theirs[their].float().reshape(expected[ours].shape).clone()
+    return weights
+
+
+def import_diffusers(source, logdir, dataset=None, force=False):
+    """Convert a diffusers folder or hub name into <logdir>/ckpt.pt and flagfile.txt: everything
+    checked first, then both written together or not at all (see the module's docstring)."""
+    check_logdir(logdir, force)
     dataset = dataset or guess_dataset(source)
     if dataset is None:
         raise ConversionError(f"cannot tell from the name {source} which data it was trained on: "
                               "pass --dataset (cifar10, lsun_church, lsun_bedroom, lsun_cat, celebahq, folder)")
     folder = source if os.path.isdir(source) else download(source)
     model_folder, scheduler_path = find_folders(folder)
-    config = read_json(os.path.join(model_folder, "config.json"))
-    try:
-        architecture = architecture_from_config(config)
-    except KeyError as missing:
-        raise ConversionError(f"{model_folder}/config.json has no {missing}") from None
-    values = diffusion_flags(read_json(scheduler_path)) if scheduler_path else {}
-    if scheduler_path is None:
-        print(f"note: {source} has no scheduler config; the schedule of --dataset {dataset}'s "
-              "configuration is kept", file=sys.stderr)
-    values.update(ch=architecture["ch"], ch_mult=architecture["ch_mult"], attn=architecture["attn"],
-                  num_res_blocks=architecture["num_res_blocks"], img_channels=architecture["in_ch"],
-                  layout="official")
-    if "dropout" in config:
-        values["dropout"] = float(config["dropout"])
-    if config.get("sample_size"):
-        values["img_size"] = int(config["sample_size"])
-    converted = run_config(logdir, dataset, values)
-    net = build_model(converted.model, converted.diffusion)
-    theirs = read_weights(model_folder)
-    names = tensor_names(net, architecture)
-    missing = [their for their in names.values() if their not in theirs]
-    unused = sorted(set(theirs) - set(names.values()))
-    if missing or unused:
-        raise ConversionError(f"the weights in {model_folder} do not fit its config.json: "
-                              + (f"{len(missing)} missing (first: {missing[0]})" if missing else "")
-                              + ("; " if missing and unused else "")
-                              + (f"{len(unused)} unexpected (first: {unused[0]})" if unused else ""))
-    weights = {EMBEDDING_TABLE: net.state_dict()[EMBEDDING_TABLE]}
-    for ours, tensor in net.state_dict().items():
-        if ours != EMBEDDING_TABLE:
-            weights[ours] = theirs[names[ours]].float().reshape(tensor.shape).clone()
-    checkpoint.load_weights(net, weights, model_folder)  # the shapes, checked tensor by tensor
-    os.makedirs(logdir, exist_ok=True)
-    flagfile = os.path.join(logdir, "flagfile.txt")
-    files.write_bytes(flagfile, flagfile_text(converted).encode())
-    checkpoint.save(ckpt_path, {"net_model": weights, "ema_model": weights, "step": None,
-                                "layout": "official", "format_version": checkpoint.FORMAT_VERSION,
-                                "converted_from": source})
-    return ckpt_path, flagfile
+    converted, notes = configuration(source, model_folder, scheduler_path, dataset, logdir)
+    weights = converted_weights(model_folder, converted)
+    state = {"net_model": weights, "ema_model": weights, "step": None, "layout": "official",
+             "format_version": checkpoint.FORMAT_VERSION, "converted_from": source}
+    write_run(logdir, flagfile_text(converted).encode(), state, force)
+    for note in notes:
+        print(note, file=sys.stderr)
+    return os.path.join(logdir, "ckpt.pt"), os.path.join(logdir, "flagfile.txt")
 
 
 # ---------------------------------------------------------------------------------- export
 
-def export_diffusers(logdir, out):
-    """Write a diffusers DDPMPipeline folder of the EMA model in <logdir>."""
-    flagfile = os.path.join(logdir, "flagfile.txt")
-    if not os.path.exists(flagfile):
-        raise ConversionError(f"{flagfile} does not exist: the schedule and image size are read from it")
-    if os.path.exists(out) and os.listdir(out):
+def check_out(out):
+    """One line unless out is a new or an empty folder."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ConversionError(f"{out} exists and is not a folder; choose a new folder (nothing was overwritten)")
+    try:
+        full = os.path.isdir(out) and os.listdir(out)
+    except OSError as error:
+        raise ConversionError(f"cannot read {out}: {error.strerror}") from None
+    if full:
         raise ConversionError(f"{out} exists and is not empty; choose a new folder (nothing was overwritten)")
-    net = checkpoint.load_model(logdir)
-    if net.layout != "official":
-        raise ConversionError(f"{logdir} holds a {net.layout}-layout network; diffusers computes only "
-                              "the official layout")
-    saved = Config.from_flagfile_text(files.read_text(flagfile))
+
+
+def pipeline_configs(saved):
+    """(the UNet2DModel config, the DDPMScheduler config) of a run's configuration."""
     unet, diffusion = saved.model, saved.diffusion
     if diffusion.var_type == "learned":
         raise ConversionError("a learned variance has no diffusers equivalent (its 'learned' "
@@ -356,25 +656,50 @@ def export_diffusers(logdir, out):
         "variance_type": {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}[diffusion.var_type],
         "clip_sample": saved.sampling.clip_denoised,
         "prediction_type": {v: k for k, v in PREDICTIONS.items()}[diffusion.mean_type]}
-    architecture = dict(ch_mult=unet.ch_mult, attn=attn, num_res_blocks=unet.num_res_blocks)
-    names = tensor_names(net, architecture)
+    return unet_config, scheduler_config
+
+
+def export_diffusers(logdir, out):
+    """Write a diffusers DDPMPipeline folder of the EMA model in <logdir> as out (a new or an
+    empty folder), whole or not at all."""
+    flagfile = os.path.join(logdir, "flagfile.txt")
+    if not os.path.exists(flagfile):
+        raise ConversionError(f"{flagfile} does not exist: the schedule and image size are read from it")
+    check_out(out)
+    saved = Config.from_flagfile_text(files.read_text(flagfile))
+    unet_config, scheduler_config = pipeline_configs(saved)
+    net = checkpoint.load_model(logdir)
+    if net.layout != "official":
+        raise ConversionError(f"{logdir} holds a {net.layout}-layout network; diffusers computes only "
+                              "the official layout")
+    names = tensor_names(net.state_dict(), saved.model)
     weights = {}
     for ours, tensor in net.state_dict().items():
         if ours in names:
-            if is_attention_projection(ours):
-                tensor = tensor.flatten(1)
-            weights[names[ours]] = tensor.contiguous()
+            weights[names[ours]] = (tensor.flatten(1) if is_attention_projection(ours) else tensor).contiguous()
     from safetensors.torch import save
-    os.makedirs(os.path.join(out, "unet"), exist_ok=True)
-    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-    files.write_bytes(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"), save(weights))
-    for path, content in ((os.path.join(out, "unet", "config.json"), unet_config),
-                          (os.path.join(out, "scheduler", "scheduler_config.json"), scheduler_config),
-                          (os.path.join(out, "model_index.json"), {
-                              "_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
-                              "scheduler": ["diffusers", "DDPMScheduler"]})):
-        files.write_bytes(path, json.dumps(content, indent=2).encode())
+    pipeline = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                "scheduler": ["diffusers", "DDPMScheduler"]}
+    write_pipeline(out, {os.path.join("unet", "diffusion_pytorch_model.safetensors"): save(weights),
+                         os.path.join("unet", "config.json"): json.dumps(unet_config, indent=2).encode(),
+                         os.path.join("scheduler", "scheduler_config.json"):
+                             json.dumps(scheduler_config, indent=2).encode(),
+                         "model_index.json": json.dumps(pipeline, indent=2).encode()})
     return out
+
+
+def convert(args):
+    """The command: import or export as the arguments say, and what was written."""
+    if args.to == "diffusers":
+        if args.force:
+            raise ConversionError("--force is for import: an export folder must be new or empty")
+        out = export_diffusers(args.logdir, args.source_or_out)
+        print(f"wrote {out} (model_index.json, unet/, scheduler/): load it with "
+              f"diffusers.DDPMPipeline.from_pretrained({out!r})")
+    else:
+        ckpt_path, flagfile = import_diffusers(args.source_or_out, args.logdir, args.dataset, args.force)
+        print(f"wrote {ckpt_path} and {flagfile}; score it with\n"
+              f"  python main.py --flagfile {flagfile} --notrain --eval")
 
 
 def main(argv=None):
@@ -386,18 +711,21 @@ def main(argv=None):
                         help="checkpoint: import into this project (default); diffusers: export")
     parser.add_argument("--dataset", choices=list(DATASET_CONFIGS) + ["folder"], default=None,
                         help="import: the data the model was trained on (default: from its name)")
+    parser.add_argument("--force", action="store_true", help="import: replace the flagfile.txt and "
+                        "ckpt.pt that --logdir holds (without it, such a logdir is refused)")
     args = parser.parse_args(argv)
+    handlers = {signum: signal.getsignal(signum) for signum in signals.SIGNALS}
+    signals.stop_at_once()  # a stop raises, so that what the command was writing is removed
     try:
-        if args.to == "diffusers":
-            out = export_diffusers(args.logdir, args.source_or_out)
-            print(f"wrote {out} (model_index.json, unet/, scheduler/): load it with "
-                  f"diffusers.DDPMPipeline.from_pretrained({out!r})")
-        else:
-            ckpt_path, flagfile = import_diffusers(args.source_or_out, args.logdir, args.dataset)
-            print(f"wrote {ckpt_path} and {flagfile}; score it with\n"
-                  f"  python main.py --flagfile {flagfile} --notrain --eval")
+        convert(args)
     except UserError as error:
         sys.exit(f"error: {error}")
+    except signals.Stopped as stopped:
+        signals.exit_stopped(stopped.args[0])
+    finally:  # main() may be called in a process that has its own handlers
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
