@@ -6,10 +6,16 @@
 
 Any flag overrides the flagfile's; CUDA_VISIBLE_DEVICES=0,1 ... --nprocs=2 trains on two GPUs.
 """
+import contextlib
 import os
 import sys
 import textwrap
 import typing
+
+import signals
+
+if __name__ == "__main__":  # Ctrl-C while the modules below load: one line, not a traceback
+    signals.exit_at_once()
 
 from absl import app, flags
 
@@ -18,7 +24,6 @@ import data
 import distributed
 import files
 import lock
-import signals
 from config import ConfigError
 from errors import UserError
 
@@ -123,9 +128,16 @@ def parse_flags(argv):
     try:
         return FLAGS(list_flags_from_last_source(argv))
     except flags.Error as error:  # a missing flagfile, a bad enum value, a malformed number
-        sys.exit(f"error: {str(error).replace('ERROR:: ', '')}")
+        exit_at_start(str(error).replace('ERROR:: ', ''))
     except UserError as error:
-        sys.exit(f"error: {error}")
+        exit_at_start(str(error))
+
+
+def exit_at_start(line):
+    """Ends the command with its one error line, once the other processes of a torchrun job
+    know (they would otherwise wait for this one until their start-up deadline)."""
+    distributed.report_start_failure(line)
+    sys.exit(f"error: {line}")
 
 
 def configuration_from_flags():
@@ -155,9 +167,13 @@ def resolve_device(device):
 
 
 def check_writable(folder):
+    """--logdir can be written, checked without making it: a probe file in it, or in its nearest
+    existing parent while it is still to be made (rank 0 makes it once every check passed)."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
     try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test.{os.getpid()}")  # one per process: no race
+        probe = os.path.join(existing, f".write_test.{os.getpid()}")  # one per process: no race
         with open(probe, "w"):
             pass
         os.remove(probe)
@@ -272,52 +288,113 @@ def spawned(rank, world_size, run_config, device_type):
         signals.exit_stopped(stopped.args[0], say=rank == 0)
 
 
-def prepare_logdir(run_config):
-    """Rank 0, before training: stale temporary files removed, flagfile.txt written."""
+class StartUpFiles:
+    """What start-up made in the logdir (rank 0): its folders, when new, and flagfile.txt.
+    take_back() removes them after a failed command unless something else came of it."""
+
+    def __init__(self):
+        self.logdir, self.folders, self.files = None, [], []
+
+    def take_back(self):
+        """Best effort: the command's own error is what it reports."""
+        if self.logdir is None:
+            return
+        ours = {os.path.basename(path) for path in self.files} | {lock.NAME}
+        with contextlib.suppress(OSError):
+            if set(os.listdir(self.logdir)) - ours:
+                return  # a checkpoint, TensorBoard's file, samples: kept, with the flagfile that explains them
+            for path in self.files:
+                os.remove(path)
+            if self.folders:
+                os.remove(os.path.join(self.logdir, lock.NAME))
+                for folder in self.folders:  # the deepest first
+                    os.rmdir(folder)
+
+
+def prepare_logdir(run_config, made):
+    """Rank 0, once its checks have passed: the logdir made if new and locked, stale temporary
+    files removed, flagfile.txt written; `made` (StartUpFiles) notes what this made."""
     logdir, actions = run_config.run.logdir, run_config.actions
+    missing, folder = [], os.path.abspath(logdir)
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(logdir, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--logdir {logdir} is not writable: {error.strerror}") from None
+    lock.hold(logdir)
+    made.logdir, made.folders = logdir, missing
     if actions.train:
         # a killed save's ckpt.pt.tmp would keep a full disk full
         for name in files.remove_stale_temporaries(logdir):
             print(f"note: removed {name} in {logdir}, left by an interrupted write", file=sys.stderr)
     if actions.train and not actions.resume:
         # replaces a stale file (a run that died before its first checkpoint) in one rename
-        files.write_bytes(os.path.join(logdir, "flagfile.txt"), config.flagfile_text(run_config).encode())
+        path = os.path.join(logdir, "flagfile.txt")
+        files.write_bytes(path, config.flagfile_text(run_config).encode())
+        made.files.append(path)
 
 
-def main(argv):
-    try:
-        run_config = configuration_from_flags()
-        device_type = resolve_device(run_config.run.device)
-        launched = distributed.launched_by_torchrun()
-        if launched:  # a worker whose torchrun agent died (its node is lost) must not go on alone
-            distributed.die_with_parent(os.getppid())
-        if launched and run_config.run.nprocs > 1:
-            raise ConfigError("under torchrun, set processes with --nproc_per_node, not --nprocs")
-        world_size = distributed.env_world_size() if launched else run_config.run.nprocs
-        validate(run_config, world_size, device_type)
-        if distributed.env_rank() == 0:  # one command per logdir, until this process exits
-            lock.hold(run_config.run.logdir)
-        if run_config.actions.train:  # a missing dataset fails here, once, before any process starts
-            data.build_dataset(run_config.data.dataset, run_config.data.data_root, run_config.model.img_size,
-                               train=True, channels=run_config.model.img_channels)
-    except UserError as error:
-        sys.exit(f"error: {error}")
-    if FLAGS["parallel"].present and distributed.env_rank() == 0:
+def start(launched, made):
+    """Every check before any work, on every process: the configuration, the machine, the
+    logdir, the data; nothing is written before they pass. Then rank 0 prepares the logdir.
+    Returns (run_config, device_type, world_size)."""
+    run_config = configuration_from_flags()
+    device_type = resolve_device(run_config.run.device)
+    if launched and run_config.run.nprocs > 1:
+        raise ConfigError("under torchrun, set processes with --nproc_per_node, not --nprocs")
+    world_size = distributed.env_world_size() if launched else run_config.run.nprocs
+    validate(run_config, world_size, device_type)
+    first, logdir = distributed.env_rank() == 0, run_config.run.logdir
+    if first and os.path.isdir(logdir):  # one command per logdir: a busy one is said before the data is read
+        lock.hold(logdir)
+    if run_config.actions.train:  # a missing dataset fails here, once, before any process starts
+        data.build_dataset(run_config.data.dataset, run_config.data.data_root, run_config.model.img_size,
+                           train=True, channels=run_config.model.img_channels)
+    if FLAGS["parallel"].present and first:
         print("note: --parallel / --noparallel of the earlier port is ignored; start processes "
               "with --nprocs", file=sys.stderr)
     if run_config.actions.train and not run_config.actions.resume:
         run_config = run_config.replace(layout=run_config.model.layout or "official")  # in flagfile.txt
+    if first:
+        prepare_logdir(run_config, made)
+    return run_config, device_type, world_size
+
+
+def start_failure_line(error):
+    """What a process of a torchrun job tells the others when its start-up fails."""
+    if isinstance(error, signals.Stopped):
+        return f"stopped by {signals.name(error.args[0])}"
+    if isinstance(error, UserError):
+        return str(error)
+    return f"{type(error).__name__}: {error}".splitlines()[0]  # a bug: its traceback is in its own log
+
+
+def main(argv):
+    """Start-up on every process (under torchrun, agreed by all: one that fails ends the
+    others), then the work. A command that fails, or is stopped, before anything came of it
+    takes back what its start-up made."""
+    signals.stop_at_once()
+    launched = distributed.launched_by_torchrun()
+    if launched:  # a worker whose torchrun agent died (its node is lost) must not go on alone
+        distributed.die_with_parent(os.getppid())
+    made = StartUpFiles()
     try:
-        if distributed.env_rank() == 0:
-            prepare_logdir(run_config)
-        if launched or run_config.run.nprocs == 1:
-            run(distributed.env_rank(), world_size, run_config, device_type)
-        else:
-            distributed.spawn(spawned, run_config.run.nprocs, run_config, device_type)
+        try:
+            with distributed.starting_together(start_failure_line):
+                run_config, device_type, world_size = start(launched, made)
+            if launched or run_config.run.nprocs == 1:
+                run(distributed.env_rank(), world_size, run_config, device_type)
+            else:
+                distributed.spawn(spawned, run_config.run.nprocs, run_config, device_type)
+        except BaseException:
+            made.take_back()
+            raise
     except UserError as error:
         sys.exit(f"error: {error}")
-    except signals.Stopped as stopped:
-        signals.exit_stopped(stopped.args[0], say=distributed.env_rank() == 0)
+    except signals.Stopped as stopped:  # one line per machine: a terminal's Ctrl-C reaches all its processes
+        signals.exit_stopped(stopped.args[0], say=os.environ.get("LOCAL_RANK", "0") == "0")
 
 
 if __name__ == "__main__":

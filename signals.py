@@ -24,6 +24,13 @@ def stop_at_once():
         signal.signal(signum, raise_stopped)
 
 
+def exit_at_once():
+    """Until stop_at_once: a stop signal ends the process with its one line and status, even
+    while a module loads (where Stopped would end it with a traceback)."""
+    for signum in SIGNALS:
+        signal.signal(signum, lambda signum, frame: exit_stopped(signum))
+
+
 def exit_stopped(signum, say=True):
     """Ends the command as a stop signal asks; say: print the one line (rank 0)."""
     if say:

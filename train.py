@@ -221,21 +221,29 @@ def training_batches(config, dataset, fast, start, rank, world_size, device):
 
 class Logs:
     """The main process's outputs while training: the tqdm bar, TensorBoard, sample grids; other
-    processes hold a silent one. The loss is averaged over processes at each log step."""
+    processes hold a silent one. The loss is averaged over processes at each log step.
+
+    TensorBoard's file and sample/ appear once the first step is done: a run that fails before
+    it (an unreadable image, a stop signal) leaves only what main.py's start-up wrote, which it
+    takes back."""
 
     def __init__(self, config, dataset, state, is_main):
         self.logdir, self.is_main = config.run.logdir, is_main
         self.progress = tqdm(total=config.training.total_steps, initial=state.step, disable=not is_main,
                              dynamic_ncols=True)
-        self.writer = SummaryWriter(self.logdir) if is_main else None
+        self.writer, self.real = None, None
         self.loss_sum, self.loss_count = 0.0, 0
-        if is_main:
-            os.makedirs(os.path.join(self.logdir, "sample"), exist_ok=True)
-            if state.step == 0:
-                size = min(config.training.sample_size, len(dataset))
-                self.writer.add_image("real_sample", grid(torch.stack([dataset[i][0] for i in range(size)])), 0)
+        if is_main and state.step == 0:
+            size = min(config.training.sample_size, len(dataset))
+            self.real = grid(torch.stack([dataset[i][0] for i in range(size)]))
 
     def add_loss(self, loss_sum, count):
+        """A finished step's loss; the first one opens TensorBoard's file and sample/."""
+        if self.is_main and self.writer is None:
+            self.writer = SummaryWriter(self.logdir)
+            os.makedirs(os.path.join(self.logdir, "sample"), exist_ok=True)
+            if self.real is not None:
+                self.writer.add_image("real_sample", self.real, 0)
         self.loss_sum, self.loss_count = self.loss_sum + loss_sum, self.loss_count + count
 
     def report_loss(self, step, lr):

@@ -1,8 +1,11 @@
 """torchrun across two nodes, for real: two torchrun agents on this machine, each a node of one
-process, meet at a c10d rendezvous on 127.0.0.1 and train the tiny digits model over Gloo."""
+process, meet at a c10d rendezvous on 127.0.0.1 and train the tiny digits model over Gloo. And
+the start-up of such a job: a node that fails ends the other, a process that waits for a peer
+ends at once on a stop signal or at its deadline."""
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,15 +20,16 @@ from test_main import ROOT, TINY, assert_same_updates, weights
 pytestmark = pytest.mark.slow
 
 
-def start_nodes(*args):
-    """The README's multi-node command, one node per agent: [agent process] * 2."""
+def start_nodes(*args, node_args=((), ())):
+    """The README's multi-node command, one node per agent: [agent process] * 2; node_args: each
+    node's own extra arguments."""
     endpoint = f"127.0.0.1:{distributed.free_port()}"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
                os.path.join(ROOT, "main.py"), *TINY, "--device", "cpu", *args]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return [subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    return [subprocess.Popen(command + list(own), cwd=ROOT, env=environment, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for own in node_args]
 
 
 def finish(nodes, timeout=600):
@@ -85,7 +89,7 @@ def test_a_dead_node_ends_the_other_at_once(tmp_path):
     try:
         deadline = time.time() + 120
         while not glob.glob(os.path.join(logdir, "events.out.tfevents.*")) and time.time() < deadline:
-            time.sleep(0.2)  # the TensorBoard file appears just before the first step
+            time.sleep(0.2)  # the TensorBoard file appears with the first step
         time.sleep(2)
         assert all(node.poll() is None for node in nodes), "training ended before the kill"
         nodes[0].send_signal(signal.SIGKILL)  # the node that hosts the rendezvous, if either
@@ -101,3 +105,95 @@ def test_a_dead_node_ends_the_other_at_once(tmp_path):
             os.kill(pid, signal.SIGKILL)
         for node in nodes:
             node.wait(timeout=60)
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def kill_what_was_started(marker, processes):
+    for pid in processes_with(marker):  # only what the test started: its logdir is unique
+        os.kill(pid, signal.SIGKILL)
+    for process in processes:
+        process.wait(timeout=60)
+
+
+def test_a_node_that_fails_at_start_up_ends_the_other(tmp_path):
+    """Without the start-up exchange the healthy node would wait in init_process_group for the
+    other until the 30-minute timeout."""
+    logdir, missing = str(tmp_path / "run"), str(tmp_path / "no_such_folder")
+    nodes = start_nodes("--train", "--logdir", logdir, "--total_steps", "2", "--sample_step", "0",
+                        node_args=((), ("--dataset", "folder", "--data_root", missing)))
+    started = time.time()
+    try:
+        ended = {}  # node -> when its agent ended
+        while len(ended) < 2 and time.time() - started < 120:
+            for i, node in enumerate(nodes):
+                if i not in ended and node.poll() is not None:
+                    ended[i] = time.time()
+            time.sleep(0.1)
+        healthy, failing = finish(nodes, timeout=1)
+    finally:
+        kill_what_was_started(logdir, nodes)
+    print(f"agents ended {ended[1] - started:.1f} s (failing), {ended[0] - started:.1f} s (healthy) after start")
+    assert abs(ended[0] - ended[1]) < 60
+    cause = f"folder: data_root {missing} is not a folder of images"
+    assert failing[0] != 0 and f"error: {cause}" in failing[1], failing[1][-3000:]
+    assert healthy[0] != 0
+    errors = [line for line in healthy[1].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.fullmatch(rf"error: rank [01] failed at start-up: {re.escape(cause)}",
+                                             errors[0]), healthy[1][-3000:]
+    assert not os.path.exists(logdir)  # rank 0 took back what its start-up made, on either node
+
+
+def start_alone(rank, logdir, timeout_s=None):
+    """main.py as rank `rank` of a job of 2 whose other process never comes; it announces its
+    wait at once; timeout_s: its start-up deadline (distributed.START_TIMEOUT), patched in."""
+    patch = "import datetime, distributed; distributed.NOTE_AFTER_S = 0" + (
+        f"; distributed.START_TIMEOUT = datetime.timedelta(seconds={timeout_s})" if timeout_s else "")
+    launch = f"import runpy, sys\n{patch}\nsys.argv = sys.argv[1:]\nrunpy.run_path('main.py', run_name='__main__')"
+    environment = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(distributed.free_port()), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", launch, "main.py", *TINY, "--device", "cpu", "--train",
+                             "--logdir", logdir], cwd=ROOT, env=environment, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("rank,signum", [(0, signal.SIGINT), (1, signal.SIGTERM)],
+                         ids=["rank0_SIGINT_waiting_for_rank1", "rank1_SIGTERM_waiting_for_the_store"])
+def test_a_stop_signal_ends_a_process_that_waits_for_a_peer(tmp_path, rank, signum):
+    """Rank 0 waits for rank 1's start-up checks, rank 1 for rank 0's store: both in Python, so
+    the signal is answered at once, and rank 0 takes back the logdir its start-up made."""
+    logdir = str(tmp_path / "run")
+    process = start_alone(rank, logdir)
+    try:
+        line = process.stderr.readline()
+        while line and "note: rank" not in line:
+            line = process.stderr.readline()
+        assert f"note: rank {rank} of 2 waits for " in line
+        process.send_signal(signum)
+        sent = time.time()
+        stderr = process.communicate(timeout=30)[1]
+        took = time.time() - sent
+    finally:
+        kill_what_was_started(logdir, [process])
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert took < 10, took  # the line comes at once; the rest is the interpreter ending (1-5 s here)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: stopped by {signal.Signals(signum).name} before the command finished"], stderr
+    assert "Traceback" not in stderr and not os.path.exists(logdir)
+
+
+@pytest.mark.parametrize("rank,message", [
+    (0, "error: rank 1 never reached the job's store at start-up (2 s without a sign of life)"),
+    (1, "error: rank 1 of 2 could not reach the job's store at 127.0.0.1:"),
+], ids=["rank0_waiting_for_rank1", "rank1_waiting_for_the_store"])
+def test_start_up_gives_up_on_a_peer_that_never_comes(tmp_path, rank, message):
+    """Rank 0 gives up on a rank whose heartbeat never starts, rank 1 on a store that never
+    opens: each after its deadline (2 s here), with one line, and rank 0 takes back its logdir."""
+    logdir = str(tmp_path / "run")
+    process = start_alone(rank, logdir, timeout_s=2)
+    try:
+        stderr = process.communicate(timeout=40)[1]
+    finally:
+        kill_what_was_started(logdir, [process])
+    assert process.returncode == 1 and message in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr and not os.path.exists(logdir)

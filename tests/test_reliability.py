@@ -214,7 +214,7 @@ def test_a_second_command_in_a_busy_logdir_is_one_line_and_changes_nothing(run):
     try:
         assert [holder.stdout.readline().strip() for holder in holders] == ["held", "held"]
         before = snapshot(os.path.dirname(run))
-        for folder, args in ((run, ["--notrain", "--eval", "--num_images", "4"]),
+        for folder, args in ((run, ["--notrain", "--eval", "--num_images", "12"]),
                              (run, ["--train", "--resume", "--total_steps", "3"]), (fresh, ["--train"])):
             holder = holders[folder == fresh]
             result = run_main("--logdir", folder, *args)
@@ -424,6 +424,47 @@ def test_a_stop_signal_during_eval_stops_it(run, tmp_path):
         assert process.wait(timeout=60) == 128 + signal.SIGINT
     assert "error: stopped by SIGINT" in log.read_text() and "Traceback" not in log.read_text()
     assert not os.path.exists(os.path.join(run, "eval.txt"))
+
+
+@pytest.mark.parametrize("unreadable", [False, True], ids=["empty_folder", "unreadable_image"])
+def test_a_data_error_at_start_leaves_no_logdir(tmp_path, unreadable):
+    """An empty folder fails the start-up checks, before anything is written. An unreadable
+    image is found only by the first step, after rank 0 made the logdir and wrote flagfile.txt:
+    those are taken back, and TensorBoard's file and sample/ do not exist before that step."""
+    images = tmp_path / "images"
+    images.mkdir()
+    if unreadable:  # 16 images, one batch: the first step reads the last one, the sample grid does not
+        for i in range(16):
+            Image.fromarray(np.full((8, 8, 3), 15 * i, np.uint8)).save(images / f"{i:02d}.png")
+        (images / "15.png").write_bytes(b"not a png")
+    logdir = tmp_path / "runs" / "new"  # its parent is made too, and taken back
+    result = run_main("--train", "--dataset", "folder", "--data_root", str(images), "--logdir", str(logdir),
+                      "--total_steps", "1", "--sample_step", "0")
+    assert_one_line_error(result, "cannot read image" if unreadable else "no image files")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def catches(pid, signum):
+    """Whether the process has a handler for signum (/proc's SigCgt mask)."""
+    with open(f"/proc/{pid}/status") as status:
+        mask = next(line for line in status if line.startswith("SigCgt:")).split()[1]
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process's signal handlers from /proc")
+def test_ctrl_c_while_main_py_loads_is_one_line(tmp_path):
+    """SIGINT as soon as main.py handles SIGTERM (its first lines), while torch still loads."""
+    logdir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "main.py", *TINY, "--train", "--logdir", str(logdir)], cwd=ROOT,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while process.poll() is None and not catches(process.pid, signal.SIGTERM) and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert stderr.splitlines() == ["error: stopped by SIGINT before the command finished"], stderr[-3000:]
+    assert not os.path.exists(logdir)
 
 
 def process_table():
