@@ -152,16 +152,21 @@ class DiffusionConfig(Section):
 @dataclass(frozen=True)
 class SamplingConfig(Section):
     TITLE = "Sampling (training-time grids, --eval, training-time FID)"
-    sampler: str = option("ddpm", "ddpm: ancestral (strided when --sample_steps < T); ddim",
-                          choices=tuple(SAMPLERS))
-    sample_steps: int = option(0, "sampler steps (0: all T)")
+    sampler: str = option("ddpm", "ddpm: ancestral (strided when --sample_steps < T); ddim; the "
+                          "solvers dpm_solver++ (multistep), sde_dpm_solver++, dpm_solver "
+                          "(singlestep), unipc", choices=tuple(SAMPLERS))
+    sample_steps: int = option(0, "sampler steps, one network evaluation each (0: all T)")
     eta: float = option(0.0, "DDIM noise scale: 0 deterministic, 1 ancestral-like")
+    solver_order: int = option(0, "order of the solvers (0: the sampler's own, 3 for dpm_solver, "
+                                  "2 for the others; sde_dpm_solver++ takes 1-2; ddpm and ddim ignore it)")
     skip_type: str = option("uniform", "which timesteps a strided sampler keeps", choices=SKIP_TYPES)
     clip_denoised: bool = option(True, "clip x0_hat to [-1, 1] before forming the mean")
 
     def check(self):
         require(self.sample_steps >= 0, f"--sample_steps must be >= 0 (0: all T), got {self.sample_steps}")
         require(0 <= self.eta < math.inf, f"--eta must be a finite number >= 0, got {self.eta}")
+        require(self.solver_order in (0, 1, 2, 3), f"--solver_order must be 0 (the sampler's own), 1, 2 "
+                                                   f"or 3, got {self.solver_order}")
 
 
 @dataclass(frozen=True)
