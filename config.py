@@ -310,11 +310,10 @@ class Config:
     inspect: InspectConfig
 
     def __post_init__(self):
-        self.sampler()  # the sampler checks its steps against T and the variance
+        steps = self.sampler().timesteps  # the sampler checks its steps against T and the variance
         for t in self.actions.interp_t:
             require(t.isdigit() and int(t) < self.diffusion.T,
                     f"--interp_t {t} is not a timestep in 0..{self.diffusion.T - 1}")
-            steps = self.sampler().timesteps
             require(int(t) in steps, f"--interp_t {t} is not one of the sampler's {len(steps)} timesteps "
                     f"({', '.join(map(str, steps[:3]))}, ..., {steps[-1]}): pick one of those, or "
                     "--sample_steps 0 for all T")
