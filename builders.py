@@ -32,4 +32,5 @@ def build_sampler(sampling, diffusion):
     """The sampler of a SamplingConfig on the DiffusionConfig's chain; call it with the network."""
     return GaussianDiffusionSampler(diffusion.betas(), diffusion.mean_type, diffusion.var_type,
                                     sampling.clip_denoised, sampling.sampler, sampling.sample_steps or None,
-                                    sampling.eta, sampling.skip_type, sampling.solver_order)
+                                    sampling.eta, None if sampling.skip_type == "auto" else sampling.skip_type,
+                                    sampling.solver_order, sampling.ddim_eps)

@@ -21,7 +21,8 @@ from typing import Optional
 import builders
 import data
 import model
-from diffusion import BETA_SCHEDULES, LOSS_TYPES, MEAN_TYPES, SAMPLERS, SKIP_TYPES, VAR_TYPES, beta_schedule
+from diffusion import (BETA_SCHEDULES, DDIM_EPS, LOSS_TYPES, MEAN_TYPES, SAMPLERS, SKIP_TYPES, VAR_TYPES,
+                       beta_schedule)
 from errors import UserError
 from score.metrics import IS_SPLITS
 from score.scorer import FEATURES
@@ -159,8 +160,12 @@ class SamplingConfig(Section):
     eta: float = option(0.0, "DDIM noise scale: 0 deterministic, 1 ancestral-like")
     solver_order: int = option(0, "order of the solvers (0: the sampler's own, 3 for dpm_solver, "
                                   "2 for the others; sde_dpm_solver++ takes 1-2; ddpm and ddim ignore it)")
-    skip_type: str = option("uniform", "which timesteps a strided sampler keeps", choices=SKIP_TYPES)
+    skip_type: str = option("auto", "which timesteps a strided sampler keeps: uniform or quadratic in "
+                                    "time, uniform in log-SNR (auto: the sampler's own, see README)",
+                            choices=("auto",) + SKIP_TYPES)
     clip_denoised: bool = option(True, "clip x0_hat to [-1, 1] before forming the mean")
+    ddim_eps: str = option("network", "ddim's eps beside a clipped x0_hat: the network's own, or "
+                                      "re-derived from the clipped x0_hat (from_x0)", choices=DDIM_EPS)
 
     def check(self):
         require(self.sample_steps >= 0, f"--sample_steps must be >= 0 (0: all T), got {self.sample_steps}")

@@ -31,7 +31,9 @@ from torch import nn
 MEAN_TYPES = ("xprev", "xstart", "epsilon")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned")
 LOSS_TYPES = ("mse", "kl")
-SKIP_TYPES = ("uniform", "quadratic")
+SKIP_TYPES = ("uniform", "quadratic", "logsnr")
+# DDIM's eps beside a clipped x0_hat: the network's own, or re-derived from the clipped x0_hat
+DDIM_EPS = ("network", "from_x0")
 BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
 WARMUP_FRACTIONS = {"warmup10": 0.1, "warmup50": 0.5}
 # s of Nichol & Dhariwal eq. 17: sqrt(beta_0) just under the pixel bin 1/127.5, so the first
@@ -141,24 +143,49 @@ def split_learned_variance(model_output, x_t):
     return model_output.chunk(2, dim=1)
 
 
-def sample_timesteps(T, steps, skip_type):
-    """The timesteps a fast sampler visits, ascending, as the official DDIM code picks them.
+def sample_timesteps(alphas_bar, steps, skip_type):
+    """The timesteps a fast sampler visits, one network evaluation each, ascending.
 
-    uniform:   range(0, T, T // steps): every (T // steps)-th step from 0, which is `steps`
-               steps when steps divides T and up to twice as many when it does not.
+    uniform:   floor(k T / steps) for k = 0..steps-1, which is the official DDIM code's
+               range(0, T, T // steps) when steps divides T (10, 20, 50, 100 of T = 1000), and
+               still `steps` timesteps when it does not.
     quadratic: int(s^2) for s in linspace(0, sqrt(0.8 T), steps) (the DDIM code's "quad"): dense
-               near t = 0, ending at 0.8 T; x_T ~ N(0, I) stands in for x at that step.
-    Repeated steps (quadratic with many steps) are dropped: a DDIM step from t to t is the
-    identity, so fewer than `steps` model calls may remain. steps = T is the full chain
-    0..T-1 whatever the skip type.
+               near t = 0, ending at 0.8 T; x_T ~ N(0, I) stands in for x at that step. Where
+               int() repeats a timestep (from about 45 steps at T = 1000) the repeat is
+               dropped: the official code spends an evaluation on it for an update from t to t
+               that leaves x as it is, so fewer than `steps` evaluations remain here, with the
+               same samples.
+    logsnr:    uniform in the log-SNR lambda_t = log(sqrt(abar_t / (1 - abar_t))) from
+               lambda_{T-1} to lambda_0 (DPM-Solver's "logSNR" spacing; diffusers'
+               use_lu_lambdas), each point taken to a training step by interpolating t
+               linearly in lambda and rounding. Rounding can repeat a timestep near t = 0,
+               where lambda moves fastest; a repeat moves up to the next free timestep, so
+               there are always `steps` of them.
+    steps = T is the full chain 0..T-1 whatever the skip type.
     """
+    T = len(alphas_bar)
     if steps >= T:
         return list(range(T))
     if skip_type == "uniform":
-        kept = np.arange(0, T, T // steps)
-    else:
-        kept = (np.linspace(0, np.sqrt(0.8 * T), steps) ** 2).astype(int)
-    return np.unique(kept).tolist()
+        return [k * T // steps for k in range(steps)]
+    if skip_type == "quadratic":
+        return np.unique((np.linspace(0, np.sqrt(0.8 * T), steps) ** 2).astype(int)).tolist()
+    abar = np.asarray(alphas_bar, dtype=np.float64)
+    lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # decreasing in t
+    targets = np.linspace(lam[-1], lam[0], steps)
+    kept = np.rint(np.interp(targets, lam[::-1], np.arange(T)[::-1])).astype(int)
+    return distinct_ascending(kept, T)
+
+
+def distinct_ascending(kept, T):
+    """kept (ascending integers in 0..T-1) made strictly ascending by moving each repeat up
+    to the next free timestep, then any that overran T-1 back down (len(kept) <= T)."""
+    kept = sorted(int(t) for t in kept)
+    for k in range(1, len(kept)):
+        kept[k] = max(kept[k], kept[k - 1] + 1)
+    for k in range(len(kept)):
+        kept[k] = min(kept[k], T - len(kept) + k)
+    return kept
 
 
 class GaussianDiffusion(nn.Module):
@@ -390,14 +417,19 @@ class DDIMStep(SamplerStep):
     the last step), with noise scale eta in [0, 1] (0: deterministic):
         x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma_i^2) eps_hat + sigma_i z,
         sigma_i = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s).
-    x0_hat is clipped if clip_denoised and eps_hat re-derived from it, so the update stays
-    consistent with it; without clipping eps_hat is the model's own and this is the official
-    update. Only the mean half of a learned-variance model's output is used.
+    Unclipped, eps_hat is the network's eps and this is the official update (the official DDIM
+    code never clips). With clip_denoised, x0_hat is clipped and ddim_eps says which eps_hat
+    goes beside it: "network", the network's own (diffusers' DDIMScheduler by default), or
+    "from_x0", re-derived from the clipped x0_hat so that the pair is consistent (GLIDE's
+    choice; diffusers' use_clipped_model_output=True). Only the mean half of a
+    learned-variance model's output is used.
     """
 
-    def __init__(self, betas, timesteps, mean_type, var_type, clip_denoised, eta):
+    def __init__(self, betas, timesteps, mean_type, var_type, clip_denoised, eta, ddim_eps="network"):
         super().__init__(betas, timesteps, mean_type, var_type, clip_denoised)
+        check_choice("ddim_eps", ddim_eps, DDIM_EPS)
         self.eta = eta
+        self.ddim_eps = ddim_eps
         alphas_bar = self.diffusion.alphas_bar[timesteps]
         alphas_bar_prev = torch.cat([alphas_bar.new_ones(1), alphas_bar[:-1]])
         sigma = self.eta * torch.sqrt(
@@ -414,8 +446,14 @@ class DDIMStep(SamplerStep):
         t = self.original_t(i, x_t)
         if self.var_type == "learned":
             output, _ = split_learned_variance(output, x_t)
-        x_0 = self.diffusion.predict_xstart(output, x_t, t, self.mean_type, self.clip_denoised)
-        eps = self.diffusion.predict_eps_from_xstart(x_t, t, x_0)
+        raw = self.diffusion.predict_xstart(output, x_t, t, self.mean_type, clip_denoised=False)
+        x_0 = raw.clamp(-1.0, 1.0) if self.clip_denoised else raw
+        if self.ddim_eps == "from_x0":
+            eps = self.diffusion.predict_eps_from_xstart(x_t, t, x_0)
+        elif self.mean_type == "epsilon":
+            eps = output
+        else:  # the eps that the network's own, unclipped x0_hat implies
+            eps = self.diffusion.predict_eps_from_xstart(x_t, t, raw)
         index = torch.full_like(t, i)
         mean = (extract(self.sqrt_alphas_bar_prev, index, x_t) * x_0
                 + extract(self.eps_coef, index, x_t) * eps)
@@ -717,6 +755,9 @@ STEPS = {
 SAMPLERS = tuple(STEPS)
 # the solvers: their factories also take order=, given solver_order or else this default
 SOLVER_DEFAULT_ORDERS = {"dpm_solver++": 2, "sde_dpm_solver++": 2, "dpm_solver": 3, "unipc": 2}
+# the spacing each sampler gets when none is asked for (skip_type None; unlisted: uniform)
+DEFAULT_SKIP_TYPES = {"ddpm": "uniform", "ddim": "uniform", "dpm_solver++": "uniform",
+                      "sde_dpm_solver++": "uniform", "dpm_solver": "uniform", "unipc": "uniform"}
 
 
 class StepRecord(NamedTuple):
@@ -750,20 +791,22 @@ class GaussianDiffusionSampler(GaussianDiffusion):
     """
 
     def __init__(self, betas, mean_type="epsilon", var_type="fixedlarge", clip_denoised=True,
-                 sampler="ddpm", sample_steps=None, eta=0.0, skip_type="uniform", solver_order=0):
+                 sampler="ddpm", sample_steps=None, eta=0.0, skip_type=None, solver_order=0,
+                 ddim_eps="network"):
         super().__init__(betas)
         check_choice("mean_type", mean_type, MEAN_TYPES)
         check_choice("var_type", var_type, VAR_TYPES)
         check_choice("sampler", sampler, tuple(STEPS))
-        check_choice("skip_type", skip_type, SKIP_TYPES)
+        self.skip_type = skip_type or DEFAULT_SKIP_TYPES.get(sampler, "uniform")
+        check_choice("skip_type", self.skip_type, SKIP_TYPES)
         sample_steps = self.T if sample_steps is None else sample_steps
         if not 1 <= sample_steps <= self.T:
             raise ValueError(f"sample_steps must be in 1..T = 1..{self.T}, got {sample_steps}")
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
-        self.timesteps = sample_timesteps(self.T, sample_steps, skip_type)
+        self.timesteps = sample_timesteps(self.alphas_bar, sample_steps, self.skip_type)
         # ddpm and ddim are first-order by definition and take no order (any given is unused)
-        options = {}
+        options = {"ddim_eps": ddim_eps} if sampler == "ddim" else {}
         if sampler in SOLVER_DEFAULT_ORDERS:
             options["order"] = solver_order or SOLVER_DEFAULT_ORDERS[sampler]
         self.step = STEPS[sampler](self.betas, self.timesteps, mean_type=mean_type, var_type=var_type,

@@ -278,7 +278,7 @@ def protocol_record(config, sampler, evaluator, num_samples, step, ckpt_sha256, 
     """How a score was measured, as eval.txt records it."""
     sampling = config.sampling
     record = {"num_samples": num_samples, "sampler": sampling.sampler, "steps": len(sampler.timesteps),
-              "eta": sampling.eta, "skip_type": sampling.skip_type, "clip_denoised": sampling.clip_denoised,
+              "eta": sampling.eta, "skip_type": sampler.skip_type, "clip_denoised": sampling.clip_denoised,
               "beta_schedule": config.diffusion.beta_schedule,
               "ema": True, "checkpoint_step": step, "checkpoint_sha256": ckpt_sha256,
               "statistics": config.eval.fid_cache or None,
@@ -288,6 +288,10 @@ def protocol_record(config, sampler, evaluator, num_samples, step, ckpt_sha256, 
               "quantize": config.eval.fid_quantize, "seed": config.run.seed,
               "processes": distributed.world_size(),
               "torch": torch.__version__, "wall_time_s": round(time.time() - started, 1)}
+    if hasattr(sampler.step, "order"):
+        record["solver_order"] = sampler.step.order
+    if sampling.sampler == "ddim" and sampling.clip_denoised:
+        record["ddim_eps"] = sampling.ddim_eps
     if evaluator and evaluator.feature == "inception" and num_samples < PUBLISHED_SAMPLES:
         record["comparable"] = f"no: fewer than {PUBLISHED_SAMPLES:,} samples, not comparable with published FIDs"
     return record
@@ -300,11 +304,13 @@ def describe(record):
     if "images" in record:  # --eval_dir: images scored as they are, no model or sampler
         return (f"{record['num_samples']:,} images of {record['images']}; {record['feature_network']} "
                 f"features, {statistics}, {'8-bit' if record['quantize'] else 'float'} images")
+    order = f" of order {record['solver_order']}" if "solver_order" in record else ""
+    ddim_eps = f" ({record['ddim_eps']} eps)" if "ddim_eps" in record else ""
     text = (f"{record['num_samples']:,} samples of the EMA model at step {record['checkpoint_step']} "
             f"(ckpt {record['checkpoint_sha256']}); {record.get('beta_schedule', 'linear')} schedule, "
-            f"{record['sampler']} sampler, {record['steps']} steps, "
+            f"{record['sampler']} sampler{order}, {record['steps']} steps, "
             f"eta {record['eta']}, {record['skip_type']} skips, "
-            f"{'clipped' if record['clip_denoised'] else 'unclipped'} x0; "
+            f"{'clipped' if record['clip_denoised'] else 'unclipped'} x0{ddim_eps}; "
             f"{record['feature_network']} features ({record['feature_weights_sha256']}), {statistics}, "
             f"{'8-bit' if record['quantize'] else 'float'} samples; seed {record['seed']}, "
             f"{record['processes']} process(es), torch {record['torch']}, {record['wall_time_s']} s")

@@ -75,9 +75,10 @@ def reference_ancestral(x, noise, kept, mean_type, var_type):
     return np.clip(x, -1, 1)
 
 
-def reference_ddim(x, noise, kept, eta, clip):
-    """Song et al. eq. 12 on the kept timesteps; with clip, x0_hat is clipped and eps_hat
-    re-derived from it, without it eps_hat is the model output (the official DDIM code)."""
+def reference_ddim(x, noise, kept, eta, clip, ddim_eps="network"):
+    """Song et al. eq. 12 on the kept timesteps; with clip, x0_hat is clipped and eps_hat is
+    the model output ("network") or re-derived from the clipped x0_hat ("from_x0"); without
+    it eps_hat is the model output (the official DDIM code)."""
     _, abar_full = schedule()
     for i in reversed(range(len(kept))):
         a_t = abar_full[kept[i]]
@@ -86,7 +87,8 @@ def reference_ddim(x, noise, kept, eta, clip):
         x0 = (x - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)
         if clip:
             x0 = np.clip(x0, -1, 1)
-            eps = (x - np.sqrt(a_t) * x0) / np.sqrt(1.0 - a_t)
+            if ddim_eps == "from_x0":
+                eps = (x - np.sqrt(a_t) * x0) / np.sqrt(1.0 - a_t)
         sigma = eta * np.sqrt((1.0 - a_s) / (1.0 - a_t)) * np.sqrt(1.0 - a_t / a_s)
         x = np.sqrt(a_s) * x0 + np.sqrt(1.0 - a_s - sigma ** 2) * eps
         if i > 0 and eta > 0:
@@ -105,18 +107,52 @@ def run_both(sampler, reference, draws):
     return sampler(ToyModel(), x_T, generator=generator).numpy(), reference(x_T.numpy(), noise)
 
 
+def paper_alphas_bar():
+    return np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+
+
 def test_timesteps_follow_the_official_ddim_definitions():
-    assert sample_timesteps(1000, 50, "uniform") == list(range(0, 1000, 20))
-    assert sample_timesteps(1000, 1000, "uniform") == list(range(1000))
-    assert len(sample_timesteps(1000, 300, "uniform")) == 334  # range(0, 1000, 3)
-    quadratic = sample_timesteps(1000, 50, "quadratic")
+    abar = paper_alphas_bar()
+    assert sample_timesteps(abar, 50, "uniform") == list(range(0, 1000, 20))
+    assert sample_timesteps(abar, 1000, "uniform") == list(range(1000))
+    # steps that do not divide T: still one evaluation per step (range(0, 1000, 3) would be 334)
+    assert sample_timesteps(abar, 300, "uniform") == [k * 1000 // 300 for k in range(300)]
+    quadratic = sample_timesteps(abar, 50, "quadratic")
     official = [int(s) for s in np.linspace(0, np.sqrt(1000 * 0.8), 50) ** 2]
     assert quadratic == sorted(set(official)) and quadratic[-1] == 800
     assert len(quadratic) == 49  # 0 appears twice in the official list
     # sample_steps 0 means T: the full chain, whatever the skip type (not 688 steps to t = 800)
-    assert sample_timesteps(1000, 1000, "quadratic") == list(range(1000))
+    assert sample_timesteps(abar, 1000, "quadratic") == list(range(1000))
+    assert sample_timesteps(abar, 1000, "logsnr") == list(range(1000))
     sampler = GaussianDiffusionSampler(BETAS, skip_type="quadratic")
     assert sampler.timesteps == list(range(T)) and type(sampler.step) is AncestralStep
+
+
+@pytest.mark.parametrize("steps", [2, 5, 10, 20, 50, 100, 300, 999])
+def test_logsnr_timesteps_are_uniform_in_log_snr_and_one_per_evaluation(steps):
+    """Every timestep is distinct and in 0..T-1, the ends are 0 and T-1, and each is the
+    training step nearest to its point uniform in lambda, except a repeat, which sits just
+    above the step before it (or, with nearly T steps, just below the end's share)."""
+    abar = paper_alphas_bar()
+    kept = sample_timesteps(abar, steps, "logsnr")
+    assert len(set(kept)) == steps and kept == sorted(kept) and kept[0] == 0 and kept[-1] == 999
+    lam = 0.5 * np.log(abar / (1.0 - abar))
+    targets = np.linspace(lam[-1], lam[0], steps)[::-1]  # ascending t
+    nearest = np.rint(np.interp(targets, lam[::-1], np.arange(1000)[::-1])).astype(int)
+    for k in range(steps):
+        if kept[k] != nearest[k]:
+            assert (nearest[k] < kept[k] == kept[k - 1] + 1) or kept[k] == 1000 - steps + k, k
+    assert (np.asarray(kept) == nearest).mean() > (0.5 if steps <= 100 else 0.0)
+
+
+def test_logsnr_timesteps_equal_diffusers_lu_lambdas():
+    """diffusers' use_lu_lambdas (uniform in log sigma = -lambda, mapped to t by
+    interpolation and rounding) gives the same timesteps where it has no repeats."""
+    diffusers = pytest.importorskip("diffusers")
+    for steps in (5, 10, 20):
+        scheduler = diffusers.DPMSolverMultistepScheduler(use_lu_lambdas=True)
+        scheduler.set_timesteps(steps)
+        assert sample_timesteps(paper_alphas_bar(), steps, "logsnr") == sorted(scheduler.timesteps.tolist())
 
 
 @pytest.mark.parametrize("mean_type", ["epsilon", "xstart", "xprev"])
@@ -130,7 +166,7 @@ def test_default_sampler_is_algorithm_2(mean_type, var_type):
 
 
 @pytest.mark.parametrize("skip_type,kept", [
-    ("uniform", list(range(0, T, T // 7))),
+    ("uniform", [k * T // 7 for k in range(7)]),
     ("quadratic", sorted({int(s) for s in np.linspace(0, math.sqrt(0.8 * T), 7) ** 2}))])
 @pytest.mark.parametrize("mean_type", ["epsilon", "xprev"])
 @pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])
@@ -145,23 +181,24 @@ def test_strided_ancestral_sampling_runs_the_respaced_chain(skip_type, kept, mea
 
 @pytest.mark.parametrize("skip_type,steps", [("uniform", 8), ("quadratic", 10), ("uniform", T)])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("clip", [True, False])
-def test_ddim_matches_the_update_of_song_et_al(skip_type, steps, eta, clip):
+@pytest.mark.parametrize("clip,ddim_eps", [(True, "network"), (True, "from_x0"), (False, "network")])
+def test_ddim_matches_the_update_of_song_et_al(skip_type, steps, eta, clip, ddim_eps):
     sampler = GaussianDiffusionSampler(BETAS, sampler="ddim", sample_steps=steps, eta=eta,
-                                       skip_type=skip_type, clip_denoised=clip)
+                                       skip_type=skip_type, clip_denoised=clip, ddim_eps=ddim_eps)
     kept = sampler.timesteps
     assert type(sampler.step) is DDIMStep
     draws = len(kept) - 1 if eta > 0 else 0
-    ours, ref = run_both(sampler, lambda x, z: reference_ddim(x, z, kept, eta, clip), draws)
+    ours, ref = run_both(sampler, lambda x, z: reference_ddim(x, z, kept, eta, clip, ddim_eps), draws)
     np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-11)
 
 
 def test_ddim_with_eta_1_on_every_step_is_ancestral_sampling_with_fixedsmall():
     """sigma_t^2 = (1 - abar_{t-1}) / (1 - abar_t) beta_t = betatilde_t, and the DDIM mean
     sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - sigma_t^2) eps_hat is then
-    c1 x0_hat + c2 x_t."""
+    c1 x0_hat + c2 x_t, when eps_hat is the one x0_hat implies (ddim_eps from_x0: the clipped
+    x0_hat and the network's eps are not one point of the posterior)."""
     outputs = []
-    for kwargs in ({"sampler": "ddim", "eta": 1.0}, {"var_type": "fixedsmall"}):
+    for kwargs in ({"sampler": "ddim", "eta": 1.0, "ddim_eps": "from_x0"}, {"var_type": "fixedsmall"}):
         sampler = GaussianDiffusionSampler(BETAS, **kwargs)
         generator = torch.Generator().manual_seed(3)
         outputs.append(sampler(ToyModel(), torch.randn(SHAPE, generator=generator, dtype=torch.float64),
@@ -237,8 +274,10 @@ def test_bad_sampler_arguments_raise():
 
     with pytest.raises(ValueError, match="ddpm, ddim"):
         make(sampler="ddpm2")
-    with pytest.raises(ValueError, match="uniform, quadratic"):
+    with pytest.raises(ValueError, match="uniform, quadratic, logsnr"):
         make(sampler="ddim", skip_type="quad")
+    with pytest.raises(ValueError, match="network, from_x0"):
+        make(sampler="ddim", ddim_eps="clipped")
     for steps in (0, T + 1):
         with pytest.raises(ValueError, match="sample_steps"):
             make(sampler="ddim", sample_steps=steps)
@@ -493,11 +532,14 @@ def test_one_ancestral_step_equals_diffusers_ddpm_scheduler(var_type, variance_t
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-@pytest.mark.parametrize("clip", [True, False])
-def test_one_ddim_step_equals_diffusers_ddim_scheduler(eta, clip):
+@pytest.mark.parametrize("clip,ddim_eps", [(True, "network"), (True, "from_x0"), (False, "network"),
+                                           (False, "from_x0")])
+def test_one_ddim_step_equals_diffusers_ddim_scheduler(eta, clip, ddim_eps):
+    """ddim_eps "network" is diffusers' default; "from_x0" its use_clipped_model_output=True."""
     diffusers = pytest.importorskip("diffusers")
     steps = 50
-    ours = GaussianDiffusionSampler(PAPER_BETAS, clip_denoised=clip, sampler="ddim", sample_steps=steps, eta=eta)
+    ours = GaussianDiffusionSampler(PAPER_BETAS, clip_denoised=clip, sampler="ddim", sample_steps=steps, eta=eta,
+                                    ddim_eps=ddim_eps)
     theirs = float64_schedule(diffusers.DDIMScheduler(
         num_train_timesteps=PAPER_T, beta_start=PAPER_BETA_1, beta_end=PAPER_BETA_T, clip_sample=clip,
         set_alpha_to_one=True))
@@ -507,8 +549,8 @@ def test_one_ddim_step_equals_diffusers_ddim_scheduler(eta, clip):
     for i in (0, 1, 25, steps - 1):
         t = ours.timesteps[i]
         noise = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
-        # ours re-derives eps_hat from the clipped x0_hat: diffusers' use_clipped_model_output
-        expected = theirs.step(model_output(x_t, t), t, x_t, eta=eta, use_clipped_model_output=clip,
+        expected = theirs.step(model_output(x_t, t), t, x_t, eta=eta,
+                               use_clipped_model_output=ddim_eps == "from_x0",
                                variance_noise=noise if eta > 0 else None)
         x_prev, x0_hat = ours.step(model_output(x_t, t), x_t, i, generator=torch.Generator().manual_seed(i))
         torch.testing.assert_close(x0_hat, expected.pred_original_sample, rtol=0, atol=1e-10)
@@ -516,11 +558,13 @@ def test_one_ddim_step_equals_diffusers_ddim_scheduler(eta, clip):
 
 
 def test_where_ddim_definitions_differ_from_diffusers_defaults():
-    """Two places, pinned with their formulas: (1) with clipping, diffusers' default keeps the
-    model's eps_hat after clipping x0_hat, where ours re-derives eps_hat from the clipped x0_hat;
-    (2) with set_alpha_to_one=False the step to x_0 goes to abar_0 instead of 1."""
+    """Pinned with their formulas: (1) with clipping, the network's eps_hat beside the clipped
+    x0_hat (the default, diffusers' too) and eps_hat re-derived from it (from_x0) are different
+    updates; (2) with set_alpha_to_one=False diffusers' step to x_0 goes to abar_0 instead of 1."""
     diffusers = pytest.importorskip("diffusers")
     ours = GaussianDiffusionSampler(PAPER_BETAS, clip_denoised=True, sampler="ddim", sample_steps=50)
+    rederiving = GaussianDiffusionSampler(PAPER_BETAS, clip_denoised=True, sampler="ddim", sample_steps=50,
+                                          ddim_eps="from_x0")
     abar = torch.cumprod(1.0 - torch.linspace(PAPER_BETA_1, PAPER_BETA_T, PAPER_T, dtype=torch.float64), 0)
     x_t = noisy_input(2)
     i, t = 30, ours.timesteps[30]
@@ -532,10 +576,13 @@ def test_where_ddim_definitions_differ_from_diffusers_defaults():
     theirs = default.step(eps, t, x_t, eta=0.0).prev_sample
     mine, x0_hat = ours.step(eps, x_t, i)
     assert (x0_hat.abs() == 1.0).any()
-    torch.testing.assert_close(theirs, abar[s].sqrt() * x0_hat + (1 - abar[s]).sqrt() * eps, rtol=0, atol=1e-10)
+    torch.testing.assert_close(mine, abar[s].sqrt() * x0_hat + (1 - abar[s]).sqrt() * eps, rtol=0, atol=1e-10)
+    torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-10)
+    consistent, _ = rederiving.step(eps, x_t, i)
     eps_from_x0 = (x_t - abar[t].sqrt() * x0_hat) / (1 - abar[t]).sqrt()
-    torch.testing.assert_close(mine, abar[s].sqrt() * x0_hat + (1 - abar[s]).sqrt() * eps_from_x0, rtol=0, atol=1e-10)
-    assert (mine - theirs).abs().max() > 1e-3
+    torch.testing.assert_close(consistent, abar[s].sqrt() * x0_hat + (1 - abar[s]).sqrt() * eps_from_x0,
+                               rtol=0, atol=1e-10)
+    assert (mine - consistent).abs().max() > 1e-3
 
     final = float64_schedule(diffusers.DDIMScheduler(num_train_timesteps=PAPER_T, beta_start=PAPER_BETA_1,
                                                      beta_end=PAPER_BETA_T, clip_sample=True,
@@ -543,7 +590,7 @@ def test_where_ddim_definitions_differ_from_diffusers_defaults():
     final.set_timesteps(50)
     eps = model_output(x_t, 0)
     last = final.step(eps, 0, x_t, eta=0.0, use_clipped_model_output=True)
-    mine, x0_hat = ours.step(eps, x_t, 0)
+    mine, x0_hat = rederiving.step(eps, x_t, 0)
     torch.testing.assert_close(mine, x0_hat, rtol=0, atol=1e-12)  # ours ends at abar = 1: x_0 = x0_hat
     eps_from_x0 = (x_t - abar[0].sqrt() * x0_hat) / (1 - abar[0]).sqrt()
     torch.testing.assert_close(last.prev_sample, abar[0].sqrt() * x0_hat + (1 - abar[0]).sqrt() * eps_from_x0,

@@ -117,10 +117,11 @@ def test_singlestep_orders_are_diffusers_order_list():
 
 def test_the_sde_solver_of_order_1_is_ddim_with_eta_1():
     """SDE-DPM-Solver++-1 is the ancestral (posterior) step in log-SNR coordinates: the same
-    chain, noise draw for noise draw, as DDIM with eta = 1 (Song et al. eq. 12)."""
+    chain, noise draw for noise draw, as DDIM with eta = 1 (Song et al. eq. 12) whose eps_hat
+    is the one x0_hat implies (the solvers see only x0_hat)."""
     x_T = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     runs = []
-    for sampler, options in (("sde_dpm_solver++", {"solver_order": 1}), ("ddim", {"eta": 1.0})):
+    for sampler, options in (("sde_dpm_solver++", {"solver_order": 1}), ("ddim", {"eta": 1.0, "ddim_eps": "from_x0"})):
         chain = GaussianDiffusionSampler(PAPER_BETAS, sampler=sampler, sample_steps=20, **options)
         runs.append(chain(ToyModel(), x_T, generator=torch.Generator().manual_seed(4)))
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-12)

@@ -1,0 +1,144 @@
+"""Sample quality against network evaluations: FID of each sampler at 10, 20, 50, 100 steps.
+
+    python -m bench.samplers --logdir ./ckpt/digits                    # the demo (digits FID)
+    python -m bench.samplers --logdir ./ckpt/digits --steps 10 20 --skip_types uniform quadratic logsnr
+    python -m bench.samplers --logdir ./ckpt/cifar10 --num_images 10000 --device cuda \\
+        --samplers ddpm ddim dpm_solver++ sde_dpm_solver++ --steps 10 20 50 100   # a trained CIFAR10 run
+
+Each run folder's flagfile.txt and the EMA weights of its ckpt.pt are used as `main.py --eval`
+uses them: the same feature network and statistics (digits: the offline classifier; otherwise
+Inception and --fid_cache), the same noise for the same --seed. For every sampler spec, skip
+type, step count and seed, --num_images samples are drawn and scored, and the seconds spent
+sampling (not scoring) are divided by the number of samples. Finished rows go to --out (JSON
+lines) as they come, so a stopped run continues where it was; the table (mean and spread over
+the seeds) is printed at the end.
+
+A sampler spec is a --sampler name with options after colons: `ddim:from_x0` (DDIM's eps
+re-derived from the clipped x0_hat; plain `ddim` keeps the network's), `dpm_solver++:3` (order
+3; the sampler's default order without one).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import evaluate  # noqa: E402
+from builders import build_sampler  # noqa: E402
+from config import Config  # noqa: E402
+from files import read_text  # noqa: E402
+
+DEFAULT_SAMPLERS = ["ddpm", "ddim", "ddim:from_x0", "dpm_solver++", "dpm_solver++:3", "sde_dpm_solver++",
+                    "dpm_solver", "unipc"]
+
+
+def spec_options(spec):
+    """{--sampler, --solver_order, --ddim_eps} of a spec such as dpm_solver++:3 or ddim:from_x0."""
+    name, *options = spec.split(":")
+    values = {"sampler": name, "solver_order": 0, "ddim_eps": "network"}
+    for option in options:
+        if option.isdigit():
+            values["solver_order"] = int(option)
+        else:
+            values["ddim_eps"] = option
+    return values
+
+
+def measure(config, net, evaluator, device):
+    """(FID, seconds of sampling per sample) of config's sampler on config.eval.num_images samples."""
+    sampler = build_sampler(config.sampling, config.diffusion).to(device)
+    features, logits, sampling_seconds = [], [], 0.0
+    started = time.perf_counter()
+    for _, images in evaluate.sample_batches(config, sampler, net, config.eval.num_images, device):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        sampling_seconds += time.perf_counter() - started
+        feature, logit = evaluator.features(images)
+        features.append(feature)
+        logits.append(logit)
+        started = time.perf_counter()
+    scores = evaluator.score(torch.cat(features), torch.cat(logits))
+    return scores["FID"], sampling_seconds / config.eval.num_images, len(sampler.timesteps), sampler.skip_type
+
+
+def table(rows, seeds):
+    """Markdown: one line per (sampler, skip type), one column per step count."""
+    steps = sorted({row["steps"] for row in rows})
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["spec"], row["skip_type"]), {}).setdefault(row["steps"], []).append(row)
+    lines = [f"| sampler | spacing | {' | '.join(str(s) for s in steps)} | ms/sample at each |",
+             "|---|---|" + "---|" * len(steps) + "---|"]
+    for (spec, skip), by_steps in groups.items():
+        cells, times = [], []
+        for count in steps:
+            runs = by_steps.get(count, [])
+            fids = [run["fid"] for run in runs]
+            if not fids:
+                cells.append("")
+                continue
+            spread = f" ± {statistics.stdev(fids):.2f}" if len(fids) > 1 else ""
+            cells.append(f"{statistics.mean(fids):.2f}{spread}" + ("" if len(fids) == len(seeds) else f" ({len(fids)} seeds)"))
+            times.append(f"{1000 * statistics.mean(run['seconds_per_sample'] for run in runs):.2f}")
+        lines.append(f"| {spec} | {skip} | {' | '.join(cells)} | {' / '.join(times)} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--logdir", required=True, help="a run folder with flagfile.txt and ckpt.pt")
+    parser.add_argument("--samplers", nargs="+", default=DEFAULT_SAMPLERS, help="sampler specs (see above)")
+    parser.add_argument("--steps", nargs="+", type=int, default=[10, 20, 50, 100])
+    parser.add_argument("--skip_types", nargs="+", default=["auto"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--num_images", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=500, help="samples per sampling batch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="JSON lines of finished rows (default: <logdir>/samplers.jsonl)")
+    args = parser.parse_args()
+    out = args.out or os.path.join(args.logdir, "samplers.jsonl")
+    device = torch.device(args.device)
+    base = Config.from_flagfile_text(read_text(os.path.join(args.logdir, "flagfile.txt")), logdir=args.logdir,
+                                     num_images=args.num_images, eval_batch_size=args.batch)
+    ema, step, ckpt_sha256 = evaluate.load_ema(base, device)
+    evaluator = evaluate.make_evaluator(base, device)
+    done = []
+    if os.path.exists(out):
+        with open(out) as file:
+            done = [json.loads(line) for line in file if line.strip()]
+    done = [row for row in done if row["checkpoint"] == ckpt_sha256 and row["num_images"] == args.num_images]
+    finished = {(row["spec"], row["skip_asked"], row["steps_asked"], row["seed"]) for row in done}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
+    print(f"# bench/samplers.py on {name}, torch {torch.__version__}: {args.logdir} (step {step}, "
+          f"ckpt {ckpt_sha256}), {args.num_images} samples, {evaluator.feature} FID, seeds {args.seeds}",
+          file=sys.stderr)
+    for spec in args.samplers:
+        for skip in args.skip_types:
+            for count in args.steps:
+                for seed in args.seeds:
+                    if (spec, skip, count, seed) in finished:
+                        continue
+                    config = base.replace(**spec_options(spec), skip_type=skip, sample_steps=count, seed=seed)
+                    fid, seconds, evaluations, resolved = measure(config, ema, evaluator, device)
+                    row = {"spec": spec, "skip_asked": skip, "skip_type": resolved, "steps_asked": count,
+                           "steps": evaluations, "seed": seed, "fid": fid, "seconds_per_sample": seconds,
+                           "checkpoint": ckpt_sha256, "num_images": args.num_images, "device": name,
+                           "torch": torch.__version__}
+                    print(f"{spec} {resolved} {evaluations} seed {seed}: FID {fid:.3f}, "
+                          f"{1000 * seconds:.2f} ms/sample", file=sys.stderr, flush=True)
+                    with open(out, "a") as file:
+                        file.write(json.dumps(row) + "\n")
+                    done.append(row)
+    asked = [row for row in done if row["spec"] in args.samplers and row["skip_asked"] in args.skip_types
+             and row["steps_asked"] in args.steps and row["seed"] in args.seeds]
+    print(table(asked, args.seeds))
+
+
+if __name__ == "__main__":
+    main()
