@@ -19,6 +19,7 @@ import torch
 import checkpoint
 import evaluate
 import streams
+from builders import build_sampler
 from config import Config
 from diffusion import GaussianDiffusionSampler, beta_schedule
 from score import Evaluator
@@ -152,17 +153,43 @@ def test_an_inception_fid_below_50000_samples_is_recorded_as_not_comparable():
     import types
     import evaluate
     from config import Config
-    flags = Config.make(sampler="ddim", eta=0.0, skip_type="quadratic", clip_denoised=True,
+    flags = Config.make(sampler="ddim", sample_steps=50, eta=0.0, skip_type="quadratic", clip_denoised=True,
                         fid_cache="stats.npz", fid_quantize=True, seed=3)
-    sampler = types.SimpleNamespace(timesteps=list(range(0, 1000, 20)))
+    sampler = build_sampler(flags.sampling, flags.diffusion)
     evaluator = types.SimpleNamespace(feature="inception", weights_sha256="a" * 12, statistics_sha256="b" * 12)
     record = evaluate.protocol_record(flags, sampler, evaluator, 10_000, 7, "c" * 12, time.time())
-    assert record["steps"] == 50 and record["statistics_sha256"] == "b" * 12
+    assert record["steps"] == 49 and record["statistics_sha256"] == "b" * 12  # quadratic repeats t = 0
     assert "not comparable with published FIDs" in record["comparable"]
     assert "not comparable" in evaluate.describe(record)
     assert "comparable" not in evaluate.protocol_record(flags, sampler, evaluator, 50_000, 7, "c" * 12, time.time())
     evaluator.feature = "digits"
     assert "comparable" not in evaluate.protocol_record(flags, sampler, evaluator, 100, 7, "c" * 12, time.time())
+
+
+def test_the_protocol_record_names_the_spacing_used_the_solver_order_and_ddims_eps():
+    """"auto" is recorded as the spacing it resolved to, a solver's order as the one it ran
+    (0 asks for the default), and DDIM's eps convention where it matters (clipped x0)."""
+    import types
+    import evaluate
+    from config import Config
+    from diffusion import DEFAULT_SKIP_TYPES, SOLVER_DEFAULT_ORDERS
+    evaluator = types.SimpleNamespace(feature="digits", weights_sha256="a" * 12, statistics_sha256=None)
+
+    def record_of(**values):
+        flags = Config.make(sample_steps=10, **values)
+        record = evaluate.protocol_record(flags, build_sampler(flags.sampling, flags.diffusion), evaluator,
+                                          100, 7, "c" * 12, time.time())
+        return record, evaluate.describe(record)
+
+    record, line = record_of(sampler="dpm_solver")
+    assert record["solver_order"] == SOLVER_DEFAULT_ORDERS["dpm_solver"] == 3 and "dpm_solver sampler of order 3" in line
+    assert record["skip_type"] == DEFAULT_SKIP_TYPES["dpm_solver"] and f"{record['skip_type']} skips" in line
+    record, line = record_of(sampler="unipc", solver_order=1, skip_type="logsnr")
+    assert record["solver_order"] == 1 and record["skip_type"] == "logsnr" and "logsnr skips" in line
+    record, line = record_of(sampler="ddim", ddim_eps="from_x0")
+    assert record["ddim_eps"] == "from_x0" and "clipped x0 (from_x0 eps)" in line and "order" not in line
+    record, _ = record_of(sampler="ddim", clip_denoised=False)
+    assert "ddim_eps" not in record  # unclipped, both conventions are one update
 
 
 # ---------------------------------------------------------------- the store keeps what is not its own
