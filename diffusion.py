@@ -755,9 +755,12 @@ STEPS = {
 SAMPLERS = tuple(STEPS)
 # the solvers: their factories also take order=, given solver_order or else this default
 SOLVER_DEFAULT_ORDERS = {"dpm_solver++": 2, "sde_dpm_solver++": 2, "dpm_solver": 3, "unipc": 2}
-# the spacing each sampler gets when none is asked for (skip_type None; unlisted: uniform)
-DEFAULT_SKIP_TYPES = {"ddpm": "uniform", "ddim": "uniform", "dpm_solver++": "uniform",
-                      "sde_dpm_solver++": "uniform", "dpm_solver": "uniform", "unipc": "uniform"}
+# the spacing each sampler gets when none is asked for (skip_type None; unlisted: uniform):
+# quadratic, the best or within 1 FID of the best for each at 10 and 20 evaluations on the
+# digits demo's model (BENCHMARKS.md, 2026-11-30), where uniform spacing's last step, from
+# t = T/N to 0, is too long for every sampler but DDIM
+DEFAULT_SKIP_TYPES = {"ddpm": "quadratic", "ddim": "quadratic", "dpm_solver++": "quadratic",
+                      "sde_dpm_solver++": "quadratic", "dpm_solver": "quadratic", "unipc": "quadratic"}
 
 
 class StepRecord(NamedTuple):
