@@ -399,7 +399,8 @@ def run(config, state, steps, rank=0, world_size=1, net=None):
         drawn.append(step_draws(config.run.seed, state.step, config.training.batch_size, (1, 8, 8), config.diffusion.T,
                                 "cpu", probabilities)[1])
         part = global_batch(state.step, config.training.batch_size)[rank * local:(rank + 1) * local]
-        train.train_step(state, trainer, net, iter([(part, None)]), config, rank, world_size)
+        micro_batches = [(chunk, None) for chunk in part.chunk(config.training.accum_steps)]
+        train.train_step(state, trainer, net, iter(micro_batches), config, rank, world_size)
     return drawn
 
 
@@ -463,6 +464,32 @@ def test_importance_sampling_on_two_processes_draws_what_one_does(tmp_path):
     np.testing.assert_allclose(two["history"].numpy(), one.t_sampler.history, rtol=1e-5)
     for name, tensor in one.net.state_dict().items():
         torch.testing.assert_close(two["net"][name], tensor, rtol=0, atol=2e-4, msg=name)
+
+
+def test_a_non_finite_step_leaves_the_loss_history_as_it_was():
+    """A step whose loss is NaN changes nothing (apply_gradients), the importance sampler's
+    history included: one NaN would make every later p_t NaN."""
+    config = tiny_config(dropout=0.0)
+    state = fresh_state(config)
+    run(config, state, 2)
+    history, count = state.t_sampler.history.copy(), state.t_sampler.count.copy()
+    trainer = build_trainer(state.net, config.diffusion, config.training)
+    nan_batch = torch.full((16, 1, 8, 8), float("nan"))
+    _, bad = train.train_step(state, trainer, state.net, iter([(nan_batch, None)]), config, 0, 1)
+    assert bad
+    assert np.array_equal(state.t_sampler.history, history) and np.array_equal(state.t_sampler.count, count)
+    assert torch.isfinite(state.t_sampler.probabilities()).all()
+
+
+def test_importance_sampling_in_micro_batches_draws_what_one_batch_does():
+    """--accum_steps 4: the micro-batches' losses are recorded in the global batch's order."""
+    config = tiny_config(dropout=0.0)
+    whole, micro = fresh_state(config), fresh_state(config.replace(accum_steps=4))
+    drawn = run(config, whole, 7)
+    assert whole.t_sampler.probabilities().max() > 0.3
+    for step, (ours, theirs) in enumerate(zip(run(config.replace(accum_steps=4), micro, 7), drawn)):
+        assert torch.equal(ours, theirs), step
+    np.testing.assert_allclose(micro.t_sampler.history, whole.t_sampler.history, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- the EMA warm-up
