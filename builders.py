@@ -2,7 +2,7 @@
 UNet, the diffusion with its loss, and the sampler. Imports the model and the math, never
 the configuration module, so that the configuration can use these to check itself.
 """
-from diffusion import GaussianDiffusion, GaussianDiffusionSampler, GaussianDiffusionTrainer
+from diffusion import LEARNED_VARIANCES, GaussianDiffusion, GaussianDiffusionSampler, GaussianDiffusionTrainer
 from model import UNet
 
 
@@ -10,7 +10,7 @@ def build_model(model, diffusion, layout=None):
     """The UNet of a ModelConfig (and the DiffusionConfig's T and variance: a learned variance
     doubles the output channels); layout: the checkpoint's, else the configuration's, else
     official."""
-    var_channels = 2 if diffusion.var_type == "learned" else 1
+    var_channels = 2 if diffusion.var_type in LEARNED_VARIANCES else 1
     return UNet(T=diffusion.T, ch=model.ch, ch_mult=model.ch_mult, attn=model.attn,
                 num_res_blocks=model.num_res_blocks, dropout=model.dropout,
                 in_ch=model.img_channels, out_ch=var_channels * model.img_channels,
@@ -22,10 +22,13 @@ def build_diffusion(diffusion):
     return GaussianDiffusion(diffusion.betas())
 
 
-def build_trainer(net, diffusion):
-    """The training loss of the DiffusionConfig, for the network net."""
+def build_trainer(net, diffusion, training=None):
+    """The training loss of the DiffusionConfig, for the network net, weighted as the
+    TrainingConfig says (--hybrid_lambda, --snr_gamma; None: the trainer's defaults)."""
+    weighting = {} if training is None else dict(hybrid_lambda=training.hybrid_lambda,
+                                                  snr_gamma=training.snr_gamma)
     return GaussianDiffusionTrainer(net, diffusion.betas(), diffusion.mean_type, diffusion.loss_type,
-                                    diffusion.var_type)
+                                    diffusion.var_type, **weighting)
 
 
 def build_sampler(sampling, diffusion):

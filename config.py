@@ -28,6 +28,9 @@ from score.metrics import IS_SPLITS
 from score.scorer import FEATURES
 
 
+T_SAMPLINGS = ("uniform", "importance")
+
+
 class ConfigError(UserError, ValueError):
     """A flag, file or path that cannot work; the message says what is expected."""
 
@@ -135,8 +138,11 @@ class DiffusionConfig(Section):
     T: int = option(1000, "number of diffusion steps")
     mean_type: str = option("epsilon", "what the network predicts", choices=MEAN_TYPES)
     var_type: str = option("fixedlarge", "reverse-process variance (learned: the network also "
-                           "outputs the log-variance; needs --loss_type=kl)", choices=VAR_TYPES)
-    loss_type: str = option("mse", "mse: Algorithm 1; kl: the variational bound term", choices=LOSS_TYPES)
+                           "outputs the log-variance; learned_range: a fraction between beta_t and "
+                           "betatilde_t, Nichol & Dhariwal eq. 15; both need --loss_type kl or hybrid)",
+                           choices=VAR_TYPES)
+    loss_type: str = option("mse", "mse: Algorithm 1; kl: the variational bound term; hybrid: mse + "
+                            "--hybrid_lambda * the bound (Nichol & Dhariwal eq. 16)", choices=LOSS_TYPES)
 
     def check(self):
         require(self.T >= 1, f"--T must be at least 1 diffusion step, got {self.T}")
@@ -207,6 +213,15 @@ class TrainingConfig(Section):
     batch_size: int = option(128, "global batch size, over all processes and micro-batches")
     accum_steps: int = option(1, "micro-batches per optimizer step (gradient accumulation)")
     ema_decay: float = option(0.9999, "decay of the exponential moving average of the weights")
+    ema_warmup: bool = option(False, "EMA decay min(--ema_decay, (1 + k) / (10 + k)) at optimizer step "
+                              "k = 0, 1, ... (TensorFlow's ExponentialMovingAverage num_updates)")
+    t_sampling: str = option("uniform", "training timesteps: uniform (the paper's), or importance: "
+                             "p_t ~ sqrt(E[L_t^2]) of the last 10 losses at each t, loss weighted by "
+                             "1 / (T p_t) (Nichol & Dhariwal sec. 3.3)", choices=T_SAMPLINGS)
+    snr_gamma: float = option(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023): the squared "
+                              "error weighted as min(SNR_t, gamma) |x0_hat - x_0|^2 (0: off; mse and "
+                              "hybrid losses)")
+    hybrid_lambda: float = option(0.001, "lambda of --loss_type hybrid: L_simple + lambda L_vlb")
     max_bad_steps: int = option(0, "steps whose loss is NaN or inf that are skipped (their update "
                                 "not applied) before training stops with an error")
     log_step: int = option(100, "steps between loss reports (tqdm, TensorBoard)")
@@ -316,6 +331,10 @@ class Config:
 
     def __post_init__(self):
         steps = self.sampler().timesteps  # the sampler checks its steps against T and the variance
+        try:  # the loss checks its weighting against the loss and variance types
+            builders.build_trainer(None, self.diffusion, self.training)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         for t in self.actions.interp_t:
             require(t.isdigit() and int(t) < self.diffusion.T,
                     f"--interp_t {t} is not a timestep in 0..{self.diffusion.T - 1}")

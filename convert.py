@@ -56,7 +56,8 @@ DATASET_CONFIGS = {"cifar10": "cifar10_unet_example.cfg", "lsun_church": "lsun_c
                    "celebahq": "celebahq.cfg", "digits": "digits.cfg"}
 NAME_TOKENS = {"cifar10": "cifar10", "church": "lsun_church", "bedroom": "lsun_bedroom",
                "cat": "lsun_cat", "celebahq": "celebahq"}
-VARIANCES = {"fixed_large": "fixedlarge", "fixed_small": "fixedsmall", "fixed_small_log": "fixedsmall"}
+VARIANCES = {"fixed_large": "fixedlarge", "fixed_small": "fixedsmall", "fixed_small_log": "fixedsmall",
+             "learned_range": "learned_range"}
 PREDICTIONS = {"epsilon": "epsilon", "sample": "xstart"}
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # --beta_schedule -> diffusers
 # UNet2DModel settings that the official network has; a model with another value is refused.
@@ -448,9 +449,9 @@ def architecture_from_config(config):
             raise ConversionError(f"attention_head_dim {head_dim} gives {width / head_dim:g} heads at "
                                   f"{width} channels; the official network has one head")
     channels = config.get("in_channels", 3)
-    if config.get("out_channels", channels) != channels:
-        raise ConversionError(f"out_channels {config['out_channels']} differs from in_channels "
-                              f"{channels}: only the fixed-variance models convert")
+    if config.get("out_channels", channels) not in (channels, 2 * channels):
+        raise ConversionError(f"out_channels {config['out_channels']} is neither in_channels {channels} "
+                              "(a fixed variance) nor twice it (variance_type learned_range)")
     flags = dict(ch=ch, ch_mult=[width // ch for width in widths], attn=attn,
                  num_res_blocks=config.get("layers_per_block", 2), img_channels=channels, layout="official")
     if "dropout" in config:
@@ -478,7 +479,9 @@ def diffusion_flags(scheduler):
     if steps > MAX_TIMESTEPS:
         raise ConversionError(f"num_train_timesteps {steps} is more than {MAX_TIMESTEPS}, the most that "
                               "converts (the schedule and the embedding table have a row per step)")
-    return {"beta_schedule": {theirs: ours for ours, theirs in SCHEDULES.items()}[schedule],
+    # a learned_range model trains on the bound: improved-diffusion's hybrid loss, as it trained
+    loss = {"loss_type": "hybrid"} if variance == "learned_range" else {}
+    return {**loss, "beta_schedule": {theirs: ours for ours, theirs in SCHEDULES.items()}[schedule],
             "T": steps, "beta_1": float(scheduler.get("beta_start", 1e-4)),
             "beta_T": float(scheduler.get("beta_end", 0.02)), "var_type": VARIANCES[variance],
             "mean_type": PREDICTIONS[prediction], "clip_denoised": scheduler.get("clip_sample", True)}
@@ -525,9 +528,10 @@ def configuration(source, model_folder, scheduler_path, dataset, logdir):
     config = read_json(config_path)
     values = in_file(config_path, architecture_from_config, config)
     sources = {flag: (config_path, field, config[field]) for flag, field in UNET_FLAGS.items() if field in config}
-    notes = []
+    notes, variance = [], None
     if scheduler_path:
         scheduler = read_json(scheduler_path)
+        variance = scheduler.get("variance_type", "fixed_small")
         values.update(in_file(scheduler_path, diffusion_flags, scheduler))
         sources.update({flag: (scheduler_path, field, scheduler[field])
                         for flag, field in SCHEDULER_FLAGS.items() if field in scheduler})
@@ -538,7 +542,21 @@ def configuration(source, model_folder, scheduler_path, dataset, logdir):
         converted, note = run_config(logdir, dataset, values)
     except ConfigError as error:
         raise refused(error, {flag: found for flag, found in sources.items() if flag in values}) from None
+    check_variance_outputs(config, config_path, variance)
     return converted, notes + ([note] if note else [])
+
+
+def check_variance_outputs(config, config_path, variance):
+    """One line unless the network's outputs fit the scheduler's variance_type (None: no
+    scheduler config): twice in_channels for learned_range (the mean, then v of Nichol &
+    Dhariwal eq. 15), in_channels for a fixed one."""
+    channels = config.get("in_channels", 3)
+    outputs = config.get("out_channels", channels)
+    if (outputs == 2 * channels) != (variance == "learned_range"):
+        raise ConversionError(f"{config_path}: out_channels {outputs} with variance_type "
+                              f"{variance or '(no scheduler config)'}: "
+                              f"2 * in_channels = {2 * channels} outputs convert with variance_type "
+                              f"learned_range, in_channels = {channels} with a fixed variance")
 
 
 def network_shapes(converted, config_path):
@@ -632,8 +650,10 @@ def pipeline_configs(saved):
     """(the UNet2DModel config, the DDPMScheduler config) of a run's configuration."""
     unet, diffusion = saved.model, saved.diffusion
     if diffusion.var_type == "learned":
-        raise ConversionError("a learned variance has no diffusers equivalent (its 'learned' "
-                              "variance is not a log-variance): only fixed-variance models export")
+        raise ConversionError("--var_type learned has no diffusers equivalent (its 'learned' "
+                              "variance is not a log-variance): fixed-variance and learned_range "
+                              "models export")
+    outputs = unet.img_channels * (2 if diffusion.var_type == "learned_range" else 1)
     if diffusion.mean_type not in PREDICTIONS.values():
         raise ConversionError(f"mean_type {diffusion.mean_type} has no diffusers equivalent (epsilon and "
                               "xstart do)")
@@ -643,7 +663,7 @@ def pipeline_configs(saved):
     levels, attn = len(unet.ch_mult), list(unet.attn)
     unet_config = {
         "_class_name": "UNet2DModel", "sample_size": unet.img_size,
-        "in_channels": unet.img_channels, "out_channels": unet.img_channels,
+        "in_channels": unet.img_channels, "out_channels": outputs,
         "block_out_channels": [unet.ch * m for m in unet.ch_mult], "layers_per_block": unet.num_res_blocks,
         "down_block_types": ["AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(levels)],
         "up_block_types": ["AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(levels))],
@@ -653,7 +673,8 @@ def pipeline_configs(saved):
         "_class_name": "DDPMScheduler", "num_train_timesteps": diffusion.T,
         "beta_start": diffusion.beta_1, "beta_end": diffusion.beta_T,
         "beta_schedule": SCHEDULES[diffusion.beta_schedule],
-        "variance_type": {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}[diffusion.var_type],
+        "variance_type": {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small",
+                          "learned_range": "learned_range"}[diffusion.var_type],
         "clip_sample": saved.sampling.clip_denoised,
         "prediction_type": {v: k for k, v in PREDICTIONS.items()}[diffusion.mean_type]}
     return unet_config, scheduler_config

@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 MEAN_TYPES = ("xprev", "xstart", "epsilon")
-VAR_TYPES = ("fixedlarge", "fixedsmall", "learned")
-LOSS_TYPES = ("mse", "kl")
+VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
+# the variances the network outputs (2C channels: the mean output, then the variance's)
+LEARNED_VARIANCES = ("learned", "learned_range")
+LOSS_TYPES = ("mse", "kl", "hybrid")
 SKIP_TYPES = ("uniform", "quadratic", "logsnr")
 # DDIM's eps beside a clipped x0_hat: the network's own, or re-derived from the clipped x0_hat
 DDIM_EPS = ("network", "from_x0")
@@ -135,10 +137,11 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 def split_learned_variance(model_output, x_t):
-    """A 'learned' model emits 2C channels: the mean output, then the log-variance."""
+    """A learned-variance model emits 2C channels: the mean output, then the variance output
+    (the log-variance for 'learned', v in [-1, 1] for 'learned_range')."""
     if model_output.shape[1] != 2 * x_t.shape[1]:
         raise ValueError(
-            f"var_type 'learned' needs a model with out_ch = 2 * in_ch = {2 * x_t.shape[1]} "
+            f"a learned variance needs a model with out_ch = 2 * in_ch = {2 * x_t.shape[1]} "
             f"channels, got {model_output.shape[1]}")
     return model_output.chunk(2, dim=1)
 
@@ -228,6 +231,8 @@ class GaussianDiffusion(nn.Module):
             "posterior_var": posterior_var,
             # betatilde_0 = 0: its log is "clipped" to that of betatilde_1
             "posterior_log_var_clipped": torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]])),
+            # the upper end of the learned_range interpolation
+            "log_betas": torch.log(betas),
             # The "fixedlarge" choice sigma_t^2 = beta_t, with t = 0 set to betatilde_1 as the
             # official code does (a better decoder variance, Ho et al. sec. 3.2).
             "fixedlarge_log_var": torch.log(torch.cat([posterior_var[1:2], betas[1:]])),
@@ -276,8 +281,9 @@ class GaussianDiffusion(nn.Module):
         forms the posterior mean, as the official p_mean_variance does; an xprev model
         predicts the mean directly, so only the x0_hat it implies is clipped.
         """
-        if var_type == "learned":
-            model_output, log_var = split_learned_variance(model_output, x_t)
+        if var_type in LEARNED_VARIANCES:
+            model_output, var_output = split_learned_variance(model_output, x_t)
+            log_var = var_output if var_type == "learned" else self.learned_range_log_var(var_output, t)
         elif var_type == "fixedlarge":
             log_var = extract(self.fixedlarge_log_var, t, x_t)
         else:
@@ -285,6 +291,15 @@ class GaussianDiffusion(nn.Module):
         x_0 = self.predict_xstart(model_output, x_t, t, mean_type, clip_denoised)
         mean = model_output if mean_type == "xprev" else self.q_posterior_mean(x_0, x_t, t)
         return mean, log_var, x_0
+
+    def learned_range_log_var(self, v, t):
+        """Nichol & Dhariwal 2021 eq. 15: log Sigma = frac log beta_t + (1 - frac) log betatilde_t,
+        frac = (v + 1) / 2, v in [-1, 1] the network's variance output; log betatilde_t is the
+        clipped one (betatilde_0 = 0 replaced by betatilde_1, improved-diffusion's clipping).
+        On a respaced chain these are the respaced steps' beta and betatilde."""
+        frac = (v + 1.0) / 2.0
+        return (frac * extract(self.log_betas, t, v)
+                + (1.0 - frac) * extract(self.posterior_log_var_clipped, t, v))
 
     def vb_terms_bpd(self, model_output, x_0, x_t, t, mean_type, var_type, clip_denoised):
         """The bound's term for each example's t, in bits/dim, float64, and x0_hat:
@@ -316,41 +331,163 @@ class GaussianDiffusionTrainer(GaussianDiffusion):
     loss_type "mse" (Algorithm 1): the per-element squared error (B, C, H, W) of the model
     toward its mean type's target. loss_type "kl": the bound's term L_{t-1} (L_0 at t = 0) in
     bits/dim per example (B,), with x0_hat unclipped as in the official training_losses; it
-    also trains a "learned" variance. Either way `.mean()` is the batch loss: for "mse" the
-    mean over elements equals the mean of the per-example means.
+    also trains a learned variance. loss_type "hybrid" (Nichol & Dhariwal 2021 eq. 16), per
+    example (B,): L_simple + lambda L_vlb, L_simple the mse's per-example mean and L_vlb =
+    sum_t L_t estimated from the example's t as T L_t (bits/dim), with the mean output
+    detached in L_vlb (improved-diffusion's frozen_out): the mean learns from L_simple only,
+    the variance from L_vlb only. Either way `.mean()` is the batch loss: for "mse" the mean
+    over elements equals the mean of the per-example means.
+
+    snr_gamma G > 0 (Min-SNR-gamma, Hang et al. 2023) weights the squared error of each
+    example (the mse loss, hybrid's L_simple) so that every mean type trains the same
+    objective, min(SNR_t, G) |x0_hat - x_0|^2 with SNR_t = abar_t / (1 - abar_t)
+    (`min_snr_weights`). 0: off.
     """
 
-    def __init__(self, model, betas, mean_type="epsilon", loss_type="mse", var_type="fixedlarge"):
+    def __init__(self, model, betas, mean_type="epsilon", loss_type="mse", var_type="fixedlarge",
+                 hybrid_lambda=1e-3, snr_gamma=0.0):
         super().__init__(betas)
         check_choice("mean_type", mean_type, MEAN_TYPES)
         check_choice("loss_type", loss_type, LOSS_TYPES)
         check_choice("var_type", var_type, VAR_TYPES)
-        if loss_type == "mse" and var_type == "learned":
-            raise ValueError("loss_type 'mse' gives a learned variance no training signal: "
-                             "use loss_type 'kl' with var_type 'learned'")
+        learned = var_type in LEARNED_VARIANCES
+        if loss_type == "mse" and learned:
+            raise ValueError(f"loss_type 'mse' gives a learned variance no training signal: "
+                             f"use loss_type 'kl' or 'hybrid' with var_type '{var_type}'")
+        if loss_type == "hybrid" and not learned:
+            raise ValueError("loss_type 'hybrid' trains the variance by its bound term: use var_type "
+                             "'learned' or 'learned_range'")
+        if not 0.0 <= hybrid_lambda < math.inf:
+            raise ValueError(f"--hybrid_lambda must be a finite number >= 0, got {hybrid_lambda}")
+        if not snr_gamma >= 0.0:  # NaN fails too
+            raise ValueError(f"--snr_gamma must be >= 0 (0: off), got {snr_gamma}")
+        if snr_gamma > 0.0 and loss_type == "kl":
+            raise ValueError("--snr_gamma weights the squared error (loss_type 'mse', and hybrid's "
+                             "L_simple); loss_type 'kl' is the bound itself, which it does not weight")
         self.model = model
         self.mean_type = mean_type
         self.loss_type = loss_type
         self.var_type = var_type
+        self.hybrid_lambda = hybrid_lambda
+        self.snr_gamma = snr_gamma
+        if snr_gamma > 0.0:
+            self.register_buffer("snr_weights", self.min_snr_weights(snr_gamma), persistent=False)
+
+    def min_snr_weights(self, gamma):
+        """The Min-SNR-gamma weight of each t's squared error, float64, for this mean type.
+
+        With SNR_t = abar_t / (1 - abar_t) the errors of the three targets are one error scaled
+        per t: eps_hat - eps = -sqrt(SNR_t) (x0_hat - x_0) (eq. 4), and an xprev model's mean
+        mu_hat - mu = c1_t (x0_hat - x_0) (eq. 7, the x0_hat its output implies). So
+        min(SNR_t, G) |x0_hat - x_0|^2 is
+            epsilon:  min(SNR_t, G) / SNR_t   |eps_hat - eps|^2
+            xstart:   min(SNR_t, G)           |x0_hat - x_0|^2
+            xprev:    min(SNR_t, G) / c1_t^2  |mu_hat - mu|^2,
+        and with G = inf every one is the unweighted epsilon loss. The epsilon weight is
+        min(1, G / SNR_t), which is 1 where SNR_t = 0 (abar_t = 0, the jsd schedule's end).
+        """
+        snr = self.alphas_bar / (1.0 - self.alphas_bar)
+        if self.mean_type == "epsilon":
+            return (gamma / snr).clamp(max=1.0)
+        if self.mean_type == "xstart":
+            return snr.clamp(max=gamma)
+        return snr.clamp(max=gamma) / self.posterior_mean_coef1 ** 2
 
     def forward(self, x_0, t=None, noise=None):
         if t is None:
             t = torch.randint(self.T, size=(x_0.shape[0],), device=x_0.device)
         if noise is None:
             noise = torch.randn_like(x_0)
+        return self.loss_terms(x_0, t, noise)[0]
+
+    def per_example_losses(self, x_0, t, noise):
+        """(each example's loss (B,), the loss the importance sampler's history records (B,):
+        the loss itself for mse and kl, the bound term L_t for hybrid)."""
+        loss, recorded = self.loss_terms(x_0, t, noise)
+        return (mean_flat(loss) if loss.dim() > 1 else loss), recorded
+
+    def loss_terms(self, x_0, t, noise):
+        """(the loss as `forward` returns it, the per-example loss to record: see above)."""
         x_t = self.q_sample(x_0, t, noise)
         output = self.model(x_t, t).float()
         if self.loss_type == "kl":
             loss, _ = self.vb_terms_bpd(output, x_0, x_t, t, self.mean_type, self.var_type,
                                         clip_denoised=False)
-            return loss.float()
+            return loss.float(), loss.float()
+        mean_output = output
+        if self.loss_type == "hybrid":
+            mean_output, var_output = split_learned_variance(output, x_t)
         if self.mean_type == "epsilon":
             target = noise
         elif self.mean_type == "xstart":
             target = x_0
         else:
             target = self.q_posterior_mean(x_0, x_t, t)
-        return F.mse_loss(output, target, reduction="none")
+        mse = F.mse_loss(mean_output, target, reduction="none")
+        if self.snr_gamma > 0.0:
+            mse = mse * extract(self.snr_weights, t, mse)
+        if self.loss_type == "mse":
+            return mse, mean_flat(mse)
+        # the bound term sees the mean as a constant: only the variance output learns from it
+        frozen = torch.cat([mean_output.detach(), var_output], dim=1)
+        vb, _ = self.vb_terms_bpd(frozen, x_0, x_t, t, self.mean_type, self.var_type, clip_denoised=False)
+        vb = vb.float()
+        return mean_flat(mse) + self.hybrid_lambda * self.T * vb, vb
+
+
+class ImportanceSampler:
+    """Importance-sampled training timesteps (Nichol & Dhariwal 2021 sec. 3.3, eq. 18;
+    improved-diffusion's LossSecondMomentResampler).
+
+    p_t is proportional to sqrt(E[L_t^2]) over the last HISTORY losses recorded at t, mixed
+    with the uniform distribution, (1 - u) p_t + u / T with u = UNIFORM_WEIGHT; until every t
+    has HISTORY losses it is uniform. Each example's loss is weighted by 1 / (T p_t), which
+    keeps the batch loss an unbiased estimate of the uniform average over t:
+    sum_t p_t L_t / (T p_t) = (1/T) sum_t L_t.
+
+    The history is kept on the host in float64 and updated in the order the losses are given
+    (the global batch's order, so that it is the same on every process); `state_dict` is what
+    a checkpoint keeps.
+    """
+
+    HISTORY = 10
+    UNIFORM_WEIGHT = 1e-3
+
+    def __init__(self, T):
+        self.T = T
+        self.history = np.zeros((T, self.HISTORY), dtype=np.float64)
+        self.count = np.zeros(T, dtype=np.int64)
+
+    def probabilities(self):
+        """p_t for t = 0..T-1, float64 (T,)."""
+        if (self.count < self.HISTORY).any():
+            return torch.full((self.T,), 1.0 / self.T, dtype=torch.float64)
+        p = np.sqrt((self.history ** 2).mean(axis=1))
+        p = (1.0 - self.UNIFORM_WEIGHT) * p / p.sum() + self.UNIFORM_WEIGHT / self.T
+        return torch.from_numpy(p)
+
+    def weights(self, t, probabilities):
+        """1 / (T p_t) for a batch of timesteps t, float64."""
+        return 1.0 / (self.T * probabilities.to(t.device)[t])
+
+    def update(self, t, losses):
+        """Record each example's loss at its t, in order; a full history drops its oldest."""
+        for step, loss in zip(t.tolist(), losses.tolist()):
+            if self.count[step] == self.HISTORY:
+                self.history[step, :-1] = self.history[step, 1:]
+                self.history[step, -1] = loss
+            else:
+                self.history[step, self.count[step]] = loss
+                self.count[step] += 1
+
+    def state_dict(self):
+        return {"history": torch.from_numpy(self.history.copy()), "count": torch.from_numpy(self.count.copy())}
+
+    def load_state_dict(self, state):
+        history, count = np.asarray(state["history"], dtype=np.float64), np.asarray(state["count"], dtype=np.int64)
+        if history.shape != self.history.shape or count.shape != self.count.shape:
+            raise ValueError(f"a timestep history of shape {tuple(history.shape)} does not fit T = {self.T}")
+        self.history, self.count = history, count
 
 
 class SamplerStep(nn.Module):
@@ -398,7 +535,8 @@ class AncestralStep(SamplerStep):
 class StridedAncestralStep(SamplerStep):
     """Ancestral sampling on the chain respaced to the kept timesteps (Nichol & Dhariwal 2021,
     sec. 4): x0_hat from the network's output at the original step t_i, then the posterior
-    q(x_{t_{i-1}} | x_t, x0_hat) and the fixed variance of the respaced step i."""
+    q(x_{t_{i-1}} | x_t, x0_hat) and the variance of the respaced step i: the fixed one, or
+    learned_range's interpolation between the respaced step's beta and betatilde."""
 
     def __init__(self, betas, timesteps, mean_type, var_type, clip_denoised):
         super().__init__(betas, timesteps, mean_type, var_type, clip_denoised)
@@ -406,9 +544,12 @@ class StridedAncestralStep(SamplerStep):
 
     def forward(self, output, x_t, i, generator=None):
         t = self.original_t(i, x_t)
+        if self.var_type == "learned_range":
+            output, var_output = split_learned_variance(output, x_t)
         x_0 = self.diffusion.predict_xstart(output, x_t, t, self.mean_type, self.clip_denoised)
+        respaced_output = torch.cat([x_0, var_output], dim=1) if self.var_type == "learned_range" else x_0
         mean, log_var, _ = self.respaced.p_mean_variance(
-            x_0, x_t, torch.full_like(t, i), "xstart", self.var_type, clip_denoised=False)
+            respaced_output, x_t, torch.full_like(t, i), "xstart", self.var_type, clip_denoised=False)
         return self.add_noise(mean, torch.exp(0.5 * log_var), i, generator), x_0
 
 
@@ -422,7 +563,7 @@ class DDIMStep(SamplerStep):
     goes beside it: "network", the network's own (diffusers' DDIMScheduler by default), or
     "from_x0", re-derived from the clipped x0_hat so that the pair is consistent (GLIDE's
     choice; diffusers' use_clipped_model_output=True). Only the mean half of a
-    learned-variance model's output is used.
+    learned-variance model's output is used (either kind).
     """
 
     def __init__(self, betas, timesteps, mean_type, var_type, clip_denoised, eta, ddim_eps="network"):
@@ -444,7 +585,7 @@ class DDIMStep(SamplerStep):
 
     def forward(self, output, x_t, i, generator=None):
         t = self.original_t(i, x_t)
-        if self.var_type == "learned":
+        if self.var_type in LEARNED_VARIANCES:
             output, _ = split_learned_variance(output, x_t)
         raw = self.diffusion.predict_xstart(output, x_t, t, self.mean_type, clip_denoised=False)
         x_0 = raw.clamp(-1.0, 1.0) if self.clip_denoised else raw
@@ -468,8 +609,8 @@ def ddpm_step(betas, timesteps, mean_type, var_type, clip_denoised, eta):
         raise ValueError("eta is the noise scale of sampler 'ddim'; sampler 'ddpm' takes none")
     strided = len(timesteps) < len(betas)
     if strided and var_type == "learned":
-        raise ValueError("a learned variance is that of one original step: sample it with "
-                         "sample_steps = T or sampler 'ddim'")
+        raise ValueError("var_type 'learned' is the variance of one original step: sample it with "
+                         "sample_steps = T or sampler 'ddim' ('learned_range' samples a strided chain)")
     if len(timesteps) < 2:
         raise ValueError("sampler 'ddpm' needs at least 2 timesteps (sample_steps >= 2)")
     step = StridedAncestralStep if strided else AncestralStep
@@ -495,7 +636,7 @@ class SolverStep(SamplerStep):
     evaluations are the kept timesteps of `sample_timesteps` (sample_steps of them when it
     divides T, as 10, 20, 50 and 100 divide T = 1000). x0_hat is
     `GaussianDiffusion.predict_xstart` of the output's mean half, so every mean type (epsilon,
-    xstart, xprev) and a learned-variance model (whose variance half is ignored) can be
+    xstart, xprev) and a learned-variance model of either kind (whose variance half is ignored) can be
     solved, and --clip_denoised clips x0_hat to [-1, 1] (diffusers' `thresholding` with
     `sample_max_value=1`: its dynamic threshold s is clamped to [1, 1]). The coefficients are
     Python floats (float64) applied to x in its working dtype.
@@ -523,7 +664,7 @@ class SolverStep(SamplerStep):
 
     def data_prediction(self, output, x_t, i):
         """x0_hat from the network's output at the i-th kept timestep, clipped if asked."""
-        if self.var_type == "learned":
+        if self.var_type in LEARNED_VARIANCES:
             output, _ = split_learned_variance(output, x_t)
         return self.diffusion.predict_xstart(output, x_t, self.original_t(i, x_t), self.mean_type,
                                              self.clip_denoised)
@@ -780,9 +921,10 @@ class GaussianDiffusionSampler(GaussianDiffusion):
     sampler "ddpm" with sample_steps = T (the default) is Algorithm 2. With fewer steps it is
     ancestral sampling on the chain respaced to the kept timesteps (`sample_timesteps` with
     skip_type), the model still called with the original timestep. sampler "ddim" is the DDIM
-    update on the kept timesteps with noise scale eta in [0, 1] (0: deterministic). A learned
+    update on the kept timesteps with noise scale eta in [0, 1] (0: deterministic). A "learned"
     variance is the variance of one original step, so it cannot serve a strided ancestral
-    chain. "dpm_solver++", "sde_dpm_solver++", "dpm_solver" (singlestep) and "unipc" solve the
+    chain; a "learned_range" one is a fraction between beta and betatilde, which the respaced
+    chain takes of its own steps. "dpm_solver++", "sde_dpm_solver++", "dpm_solver" (singlestep) and "unipc" solve the
     diffusion ODE (SDE) from the data prediction x0_hat (`SolverStep`), one network evaluation
     per kept timestep, of order solver_order (0: the sampler's default,
     `SOLVER_DEFAULT_ORDERS`; ddpm and ddim ignore it). sample_steps=None means T.

@@ -111,6 +111,15 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def all_gather_cat(tensor):
+    """Every rank's 1-D tensor (all of one length), concatenated in rank order, on every rank."""
+    if not is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 def max_over_ranks(number, device):
     """The largest of every rank's integer, on every rank (a stop signal's number, say)."""
     if not is_initialized():

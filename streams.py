@@ -24,12 +24,20 @@ def generator(device, *key):
     return torch.Generator(device).manual_seed(stream_seed(*key))
 
 
-def step_draws(seed, step, global_batch, img_shape, T, device):
+def step_draws(seed, step, global_batch, img_shape, T, device, t_probabilities=None):
     """Flip mask, timesteps and noise for the whole global batch of a training step, drawn on
-    the device (seeding a generator there needs no synchronisation); each process slices it."""
+    the device (seeding a generator there needs no synchronisation); each process slices it.
+    t is uniform, or drawn from t_probabilities (float64 (T,), the same on every process) by
+    inverting its cumulative sum at uniform draws."""
     gen = generator(device, seed, TIMESTEP_NOISE, step)
     flip = torch.rand(global_batch, generator=gen, device=device) < 0.5
-    t = torch.randint(T, (global_batch,), generator=gen, device=device)
+    if t_probabilities is None:
+        t = torch.randint(T, (global_batch,), generator=gen, device=device)
+    else:
+        u = torch.rand(global_batch, generator=gen, device=device, dtype=torch.float64)
+        cumulative = torch.cumsum(t_probabilities.to(device), 0)
+        # the sum may end a rounding short of 1: a draw above it is the last step
+        t = torch.searchsorted(cumulative, u, right=True).clamp(max=T - 1)
     noise = torch.randn((global_batch, *img_shape), generator=gen, device=device)
     return flip, t, noise
 

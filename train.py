@@ -10,6 +10,7 @@ import contextlib
 import copy
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from tensorboardX import SummaryWriter
@@ -24,6 +25,7 @@ import signals
 import speed
 from batches import GlobalBatchSampler, device_batches, loader_batches
 from builders import build_model, build_sampler, build_trainer
+from diffusion import ImportanceSampler
 from errors import UserError
 from reports import grid
 from streams import SAMPLE_NOISE, X_T, generator, rng_state, set_rng_state, step_draws, stream_seed
@@ -48,6 +50,16 @@ def ema_update(ema, net, weight):
         torch._foreach_add_(emas, steps)
     else:
         torch._foreach_lerp_(emas, nets, weight)
+
+
+def ema_decay_at(training, k):
+    """The EMA decay of optimizer step k (0-based: k steps were taken before it, skipped
+    non-finite ones included, as the warmup schedule counts them): --ema_decay, or with
+    --ema_warmup min(--ema_decay, (1 + k) / (10 + k)), TensorFlow's ExponentialMovingAverage
+    with num_updates = k. It depends only on the step count, which a checkpoint keeps."""
+    if not training.ema_warmup:
+        return training.ema_decay
+    return min(training.ema_decay, (1.0 + k) / (10.0 + k))
 
 
 def apply_gradients(net, ema, optimizer, scheduler, grad_clip, ema_decay):
@@ -105,20 +117,25 @@ class NonFiniteLoss(UserError, RuntimeError):
 @dataclass
 class TrainState:
     """What a training step changes and a checkpoint keeps. step: optimizer steps taken;
-    x_T: the fixed noise of the training-time sample grids."""
+    x_T: the fixed noise of the training-time sample grids; t_sampler: with --t_sampling
+    importance, the ImportanceSampler and its loss history (else None)."""
     net: torch.nn.Module
     ema: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step: int
     x_T: torch.Tensor
+    t_sampler: Optional[ImportanceSampler] = None
 
     def to_checkpoint(self, rngs, world_size):
         """ckpt.pt's dict: the earlier port's keys plus every process's RNG states."""
-        return {"net_model": self.net.state_dict(), "ema_model": self.ema.state_dict(),
-                "optim": self.optimizer.state_dict(), "sched": self.scheduler.state_dict(),
-                "step": self.step, "x_T": self.x_T.cpu(), "rng": rngs, "world_size": world_size,
-                "layout": self.net.layout, "format_version": checkpoint.FORMAT_VERSION}
+        state = {"net_model": self.net.state_dict(), "ema_model": self.ema.state_dict(),
+                 "optim": self.optimizer.state_dict(), "sched": self.scheduler.state_dict(),
+                 "step": self.step, "x_T": self.x_T.cpu(), "rng": rngs, "world_size": world_size,
+                 "layout": self.net.layout, "format_version": checkpoint.FORMAT_VERSION}
+        if self.t_sampler is not None:
+            state["t_history"] = self.t_sampler.state_dict()
+        return state
 
     def restore(self, saved, path, training, rank, world_size):
         """Continue from a loaded checkpoint, with this run's --lr and --warmup."""
@@ -127,6 +144,13 @@ class TrainState:
         restore_schedule(self.optimizer, self.scheduler, saved["optim"], saved["sched"], training.lr,
                          training.warmup, path)
         self.step, self.x_T = int(saved["step"]), saved["x_T"]
+        # a run that sampled t uniformly until now starts the history afresh
+        if self.t_sampler is not None and "t_history" in saved:
+            try:
+                self.t_sampler.load_state_dict(saved["t_history"])
+            except (KeyError, TypeError, ValueError) as error:
+                raise checkpoint.CheckpointError(f"checkpoint {path}: its timestep history does not fit "
+                                                 f"({type(error).__name__}: {error})") from None
         if len(saved.get("rng", [])) == world_size:
             set_rng_state(saved["rng"][rank])
 
@@ -140,7 +164,9 @@ def initial_state(config, fast, device, path, rank, world_size):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=warmup_lr(config.training.warmup))
     x_T = torch.randn((config.training.sample_size, *image_shape(config.model)),
                       generator=generator("cpu", config.run.seed, X_T))
-    state = TrainState(net, copy.deepcopy(net).eval().requires_grad_(False), optimizer, scheduler, 0, x_T)
+    t_sampler = ImportanceSampler(config.diffusion.T) if config.training.t_sampling == "importance" else None
+    state = TrainState(net, copy.deepcopy(net).eval().requires_grad_(False), optimizer, scheduler, 0, x_T,
+                       t_sampler)
     if saved is not None:
         state.restore(saved, path, config.training, rank, world_size)
     state.x_T = state.x_T.to(device)
@@ -182,12 +208,19 @@ class BadSteps:
 def train_step(state, trainer, ddp_net, batches, config, rank, world_size):
     """One optimizer step on global batch number state.step, in --accum_steps micro-batches
     of this process's share. Returns the sum of the micro-batches' mean losses and `bad`
-    (apply_gradients), both on the device."""
+    (apply_gradients), both on the device.
+
+    With an importance sampler (state.t_sampler) t is drawn from its p_t, each example's loss
+    weighted by 1 / (T p_t), and the losses it records are gathered from every process in
+    the global batch's order before they update its history, so that the history, and so
+    the next step's t, are the same on 1 or N processes and with any --accum_steps."""
     training, accum = config.training, config.training.accum_steps
     micro_batch = training.batch_size // (world_size * accum)
+    sampler = state.t_sampler
+    probabilities = None if sampler is None else sampler.probabilities()
     flip, t, noise = step_draws(config.run.seed, state.step, training.batch_size, image_shape(config.model),
-                                config.diffusion.T, state.x_T.device)
-    loss_sum = 0.0
+                                config.diffusion.T, state.x_T.device, probabilities)
+    loss_sum, recorded = 0.0, []
     for micro in range(accum):
         x_0, _ = next(batches)
         part = slice((rank * accum + micro) * micro_batch, (rank * accum + micro + 1) * micro_batch)
@@ -196,11 +229,22 @@ def train_step(state, trainer, ddp_net, batches, config, rank, world_size):
         # DDP averages gradients across processes on the last micro-batch only
         last = micro == accum - 1
         with ddp_net.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
-            loss = trainer(x_0, t[part], noise[part]).mean()
+            if sampler is None:
+                loss = trainer(x_0, t[part], noise[part]).mean()
+            else:
+                losses, tracked = trainer.per_example_losses(x_0, t[part], noise[part])
+                loss = (losses * sampler.weights(t[part], probabilities).to(losses.dtype)).mean()
+                recorded.append(tracked.detach())
             (loss / accum).backward()
         loss_sum = loss_sum + loss.detach()
+    if sampler is not None:
+        # the global batch's losses in its order: this process's micro-batches are its
+        # consecutive parts, the processes' shares follow one another
+        gathered = distributed.all_gather_cat(torch.cat(recorded)).cpu()
+        if torch.isfinite(gathered).all():  # a non-finite step changes nothing, the history neither
+            sampler.update(t.cpu(), gathered.double())
     bad = apply_gradients(state.net, state.ema, state.optimizer, state.scheduler, training.grad_clip,
-                          training.ema_decay)
+                          ema_decay_at(training, state.step))
     state.step += 1
     return loss_sum, bad
 
@@ -287,7 +331,7 @@ def train(config, device_type):
     state = initial_state(config, fast, device, ckpt_path, rank, world_size)
     saved_step = state.step if config.actions.resume else None
     ddp_net = DistributedDataParallel(state.net) if world_size > 1 else state.net
-    trainer = build_trainer(speed.wrap(ddp_net, fast), config.diffusion).to(device)
+    trainer = build_trainer(speed.wrap(ddp_net, fast), config.diffusion, config.training).to(device)
     ema_net, sampler = speed.wrap(state.ema, fast), build_sampler(config.sampling, config.diffusion).to(device)
     batches = training_batches(config, dataset, fast, state.step, rank, world_size, device)
     evaluator = evaluate.make_evaluator(config, device) if config.eval.eval_step > 0 else None

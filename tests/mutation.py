@@ -45,6 +45,7 @@ FAST_PATH = "test_fast_path.py"
 LOOP = "test_training_loop.py"
 CONFIG = "test_config.py"
 CONVERT = "test_convert.py"
+RECIPES = "test_recipes.py"
 MISFIT = "test_weights_that_are_not_exactly_the_configured_networks_are_refused_before_it_is_allocated"
 
 MUTANTS = [
@@ -204,7 +205,8 @@ MUTANTS = [
            "compiled = torch.compile(net, mode=mode, dynamic=False)",
            tests_of(FAST_PATH, "test_compiled_sampler_is_not_recompiled_across_steps")),
     Mutant("trainer_off_the_fast_path", "fast path", "train.py",
-           "build_trainer(speed.wrap(ddp_net, fast), config.diffusion)", "build_trainer(ddp_net, config.diffusion)",
+           "build_trainer(speed.wrap(ddp_net, fast), config.diffusion, config.training)",
+           "build_trainer(ddp_net, config.diffusion, config.training)",
            tests_of(FAST_PATH, "test_training_runs_the_compiled_network_in_one_graph_without_recompiles")),
     # ---- scoring and evaluation
     Mutant("fid_trace_sign", "scoring", "score/metrics.py",
@@ -329,6 +331,39 @@ MUTANTS = [
     Mutant("list_flags_joined_by_commas", "configuration", "config.py",
            "        if name in MULTI_FLAGS:\n", "        if False:\n",
            tests_of(CONFIG, "test_flagfile_text_is_what_absl_writes_and_reads_back_the_same_configuration")),
+    # ---- the recipes of issue 20 (Nichol & Dhariwal 2021, Min-SNR, EMA warm-up)
+    Mutant("learned_range_frac_is_v", "recipes", "diffusion.py",
+           "frac = (v + 1.0) / 2.0", "frac = v",
+           tests_of(RECIPES, "test_learned_range_log_variance_is_eq_15")),
+    Mutant("hybrid_gradient_not_stopped", "recipes", "diffusion.py",
+           "frozen = torch.cat([mean_output.detach(), var_output], dim=1)",
+           "frozen = torch.cat([mean_output, var_output], dim=1)",
+           tests_of(RECIPES, "test_hybrid_gradients_reach_the_mean_through_l_simple_and_the_variance_through_l_vlb")),
+    Mutant("hybrid_bound_not_times_T", "recipes", "diffusion.py",
+           "mean_flat(mse) + self.hybrid_lambda * self.T * vb", "mean_flat(mse) + self.hybrid_lambda * vb",
+           tests_of(RECIPES, "test_hybrid_loss_is_l_simple_plus_lambda_T_times_the_bound_term")),
+    Mutant("importance_weights_not_1_over_T_p", "recipes", "diffusion.py",
+           "return 1.0 / (self.T * probabilities.to(t.device)[t])", "return 1.0 / probabilities.to(t.device)[t]",
+           tests_of(RECIPES, "test_the_reweighted_loss_is_unbiased")),
+    Mutant("importance_without_uniform_mix", "recipes", "diffusion.py",
+           "p = (1.0 - self.UNIFORM_WEIGHT) * p / p.sum() + self.UNIFORM_WEIGHT / self.T", "p = p / p.sum()",
+           tests_of(RECIPES, "test_importance_probabilities_are_the_second_moment_formula")),
+    Mutant("importance_history_not_in_checkpoint", "recipes", "train.py",
+           "        if self.t_sampler is not None:\n            state[\"t_history\"]",
+           "        if False:\n            state[\"t_history\"]",
+           tests_of(RECIPES, "test_importance_sampling_and_every_recipe_resume_exactly")),
+    Mutant("importance_history_of_local_losses", "recipes", "train.py",
+           "gathered = distributed.all_gather_cat(torch.cat(recorded)).cpu()", "gathered = torch.cat(recorded).cpu()",
+           tests_of(RECIPES, "test_importance_sampling_on_two_processes_draws_what_one_does")),
+    Mutant("min_snr_min_max_swapped", "recipes", "diffusion.py",
+           "return (gamma / snr).clamp(max=1.0)", "return (gamma / snr).clamp(min=1.0)",
+           tests_of(RECIPES, "test_min_snr_weights_are_their_float64_recomputation")),
+    Mutant("min_snr_xprev_weight_without_c1", "recipes", "diffusion.py",
+           "return snr.clamp(max=gamma) / self.posterior_mean_coef1 ** 2", "return snr.clamp(max=gamma)",
+           tests_of(RECIPES, "test_min_snr_weights_are_their_float64_recomputation")),
+    Mutant("ema_warmup_off_by_one", "recipes", "train.py",
+           "(1.0 + k) / (10.0 + k)", "(2.0 + k) / (11.0 + k)",
+           tests_of(RECIPES, "test_ema_warmup_is_tensorflows_num_updates_rule_through_the_training_step")),
 ]
 
 

@@ -140,6 +140,14 @@ def test_resume_refuses_a_new_schedule_or_layout_and_lets_the_rest_change(tmp_pa
     assert fixed == ["--layout official -> port"]
     fixed, changed = main.compare_with_saved_flags(saved.replace(layout=None), str(path))
     assert fixed == changed == []  # unset now: the checkpoint's layout is used
+    # the recipes' weighting and sampling may change (the history and step count are in the
+    # checkpoint); the variance and the loss define the network's outputs and objective
+    fixed, changed = main.compare_with_saved_flags(
+        saved.replace(ema_warmup=True, t_sampling="importance", snr_gamma=5.0), str(path))
+    assert fixed == [] and changed == ["--ema_warmup false -> true", "--t_sampling uniform -> importance",
+                                       "--snr_gamma 0.0 -> 5.0"]
+    fixed, _ = main.compare_with_saved_flags(saved.replace(var_type="learned_range", loss_type="hybrid"), str(path))
+    assert fixed == ["--var_type fixedlarge -> learned_range", "--loss_type mse -> hybrid"]
 
 
 @pytest.mark.parametrize("values, message", [
@@ -152,6 +160,14 @@ def test_resume_refuses_a_new_schedule_or_layout_and_lets_the_rest_change(tmp_pa
     (dict(eval=True, score=False), "--noscore only draws samples"),
     (dict(eval=True, num_images=9), "--num_images must be at least 10 to score them"),
     (dict(eval_step=100, eval_num_images=4), "--eval_num_images must be at least 10"),
+    (dict(loss_type="hybrid"), "loss_type 'hybrid' trains the variance by its bound term"),
+    (dict(var_type="learned_range"), "use loss_type 'kl' or 'hybrid' with var_type 'learned_range'"),
+    (dict(var_type="learned", loss_type="kl", sample_steps=10), "var_type 'learned' is the variance of one"),
+    (dict(var_type="learned_range", loss_type="kl", snr_gamma=5.0), "--snr_gamma weights the squared error"),
+    (dict(snr_gamma=-1.0), "--snr_gamma must be >= 0"),
+    (dict(snr_gamma=float("nan")), "--snr_gamma must be >= 0"),
+    (dict(var_type="learned", loss_type="hybrid", hybrid_lambda=-0.1), "--hybrid_lambda must be a finite number >= 0"),
+    (dict(t_sampling="loss"), "--t_sampling must be one of uniform, importance"),
 ])
 def test_each_configuration_refuses_what_cannot_work_in_one_line(values, message):
     with pytest.raises(ConfigError) as error:

@@ -111,6 +111,7 @@ MALFORMED = [  # (file, its fields set (or the whole content), the field the err
     (UNET, {"block_out_channels": [32, 64, 64]}, "down_block_types"),  # a level without its block
     (UNET, [1, 2], "not an object"),
     (UNET, {"in_channels": 0, "out_channels": 0}, "in_channels"),
+    (UNET, {"out_channels": 5}, "out_channels 5 is neither in_channels 3"),
     (UNET, {"dropout": "0.1"}, "dropout"),
     (UNET, {"dropout": 1.5}, "dropout"),
     (UNET, {"layers_per_block": [1, 1]}, "layers_per_block"),
@@ -323,3 +324,41 @@ def test_an_export_that_fails_midway_leaves_nothing(trained, tmp_path, monkeypat
     assert written and contents(tmp_path) == before
     assert os.path.isdir(out) == existing and os.path.exists(tmp_path / "new") == existing
     assert temporaries(tmp_path) == []
+
+
+# ------------------------------------------------------------- a learned_range model, both ways
+
+@pytest.fixture(scope="module")
+def learned_range_pipeline(tmp_path_factory):
+    """A pipeline folder of SMALL with 2 * 3 outputs and variance_type learned_range."""
+    folder = tmp_path_factory.mktemp("pipelines") / "ddpm-cifar10-learned-range"
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=20, variance_type="learned_range")
+    diffusers.DDPMPipeline(unet=diffusers_unet({**SMALL, "out_channels": 6}, seed=3),
+                           scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def test_a_learned_range_model_imports_and_exports_as_the_same_network(learned_range_pipeline, tmp_path):
+    logdir, out = tmp_path / "imported", tmp_path / "exported"
+    convert.main([str(learned_range_pipeline), "--logdir", str(logdir)])
+    flags = parse_flags_text((logdir / "flagfile.txt").read_text())
+    assert flags["var_type"] == ["learned_range"] and flags["loss_type"] == ["hybrid"]
+    net = checkpoint.load_model(str(logdir))
+    theirs = diffusers.UNet2DModel.from_pretrained(learned_range_pipeline / "unet").eval()
+    assert_same_outputs(net, theirs, size=8, T=20)  # all six channels: the mean, then v
+    convert.main(["--to", "diffusers", "--logdir", str(logdir), str(out)])
+    back = diffusers.DDPMPipeline.from_pretrained(out)
+    assert back.scheduler.config.variance_type == "learned_range" and back.unet.config.out_channels == 6
+    assert_same_outputs(net, back.unet.eval(), size=8, T=20)
+
+
+@pytest.mark.parametrize("source, change, words", [
+    ("fixed", {"variance_type": "learned_range"}, "out_channels 3 with variance_type learned_range"),
+    ("learned_range", {"variance_type": "fixed_large"}, "out_channels 6 with variance_type fixed_large"),
+])
+def test_outputs_that_do_not_fit_the_variance_type_are_one_line(pipeline, learned_range_pipeline, tmp_path,
+                                                                source, change, words):
+    folder = edited(pipeline if source == "fixed" else learned_range_pipeline, tmp_path / "ddpm-cifar10-x",
+                    scheduler=change)
+    assert words in refusal(folder, "--logdir", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
