@@ -95,7 +95,7 @@ def test_one_ancestral_step_equals_diffusers_ddpm_scheduler_learned_range(steps)
     beta and betatilde of the respaced step (1 - abar_t / abar_prev) as ours does."""
     diffusers = pytest.importorskip("diffusers")
     from test_samplers import float64_schedule
-    ours = GaussianDiffusionSampler(PAPER_BETAS, var_type="learned_range", sample_steps=steps)
+    ours = GaussianDiffusionSampler(PAPER_BETAS, var_type="learned_range", sample_steps=steps, skip_type="uniform")
     theirs = diffusers.DDPMScheduler(num_train_timesteps=PAPER_T, beta_start=1e-4, beta_end=0.02,
                                      variance_type="learned_range", clip_sample=True)
     if steps:

@@ -320,7 +320,7 @@ def test_progressive_sampling_records_every_kth_step_and_saves(tmp_path):
 def test_interpolation_diffuses_each_endpoint_with_its_own_noise(tmp_path):
     """The official interpolate: x_t^a and x_t^b from independent noise, one reverse-process
     noise for every lambda."""
-    sampler = GaussianDiffusionSampler(BETAS, sampler="ddim", sample_steps=10, eta=1.0)
+    sampler = GaussianDiffusionSampler(BETAS, sampler="ddim", sample_steps=10, eta=1.0, skip_type="uniform")
     x0_a = torch.full(SHAPE, -0.5, dtype=torch.float64)
     x0_b = torch.full(SHAPE, 0.5, dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
@@ -445,13 +445,13 @@ def test_a_registered_stateful_step_is_reset_once_per_chain(monkeypatch):
     """A new sampler is a step class and a registry line: every walk resets it once, at the
     start, and then gives it the chain's steps in order."""
     monkeypatch.setitem(diffusion.STEPS, "history", HistoryStep)
-    sampler = GaussianDiffusionSampler(BETAS, sampler="history", sample_steps=10, eta=1.0)
+    sampler = GaussianDiffusionSampler(BETAS, sampler="history", sample_steps=10, eta=1.0, skip_type="uniform")
     step, kept = sampler.step, sampler.timesteps
     assert isinstance(step, HistoryStep) and len(kept) == 10
     x_T = torch.randn(SHAPE, generator=seeded(0), dtype=torch.float64)
     sample = sampler(ToyModel(), x_T, generator=seeded())
     # the history changes nothing: the samples are DDIM's
-    ddim = GaussianDiffusionSampler(BETAS, sampler="ddim", sample_steps=10, eta=1.0)
+    ddim = GaussianDiffusionSampler(BETAS, sampler="ddim", sample_steps=10, eta=1.0, skip_type="uniform")
     assert torch.equal(sample, ddim(ToyModel(), x_T, generator=seeded()))
     next(sampler.chain(ToyModel(), x_T, generator=seeded()))      # a chain left after one step
     sampler.denoise(ToyModel(), x_T, kept[4], seeded())
@@ -538,7 +538,7 @@ def test_one_ddim_step_equals_diffusers_ddim_scheduler(eta, clip, ddim_eps):
     """ddim_eps "network" is diffusers' default; "from_x0" its use_clipped_model_output=True."""
     diffusers = pytest.importorskip("diffusers")
     steps = 50
-    ours = GaussianDiffusionSampler(PAPER_BETAS, clip_denoised=clip, sampler="ddim", sample_steps=steps, eta=eta,
+    ours = GaussianDiffusionSampler(PAPER_BETAS, clip_denoised=clip, sampler="ddim", sample_steps=steps, skip_type="uniform", eta=eta,
                                     ddim_eps=ddim_eps)
     theirs = float64_schedule(diffusers.DDIMScheduler(
         num_train_timesteps=PAPER_T, beta_start=PAPER_BETA_1, beta_end=PAPER_BETA_T, clip_sample=clip,
@@ -562,8 +562,8 @@ def test_where_ddim_definitions_differ_from_diffusers_defaults():
     x0_hat (the default, diffusers' too) and eps_hat re-derived from it (from_x0) are different
     updates; (2) with set_alpha_to_one=False diffusers' step to x_0 goes to abar_0 instead of 1."""
     diffusers = pytest.importorskip("diffusers")
-    ours = GaussianDiffusionSampler(PAPER_BETAS, clip_denoised=True, sampler="ddim", sample_steps=50)
-    rederiving = GaussianDiffusionSampler(PAPER_BETAS, clip_denoised=True, sampler="ddim", sample_steps=50,
+    ours = GaussianDiffusionSampler(PAPER_BETAS, clip_denoised=True, sampler="ddim", sample_steps=50, skip_type="uniform")
+    rederiving = GaussianDiffusionSampler(PAPER_BETAS, clip_denoised=True, sampler="ddim", sample_steps=50, skip_type="uniform",
                                           ddim_eps="from_x0")
     abar = torch.cumprod(1.0 - torch.linspace(PAPER_BETA_1, PAPER_BETA_T, PAPER_T, dtype=torch.float64), 0)
     x_t = noisy_input(2)
