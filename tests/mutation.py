@@ -231,6 +231,10 @@ MUTANTS = [
            "generator(device, config.run.seed, BPD_NOISE, n)",
            tests_of("test_cli_paths.py",
                     "test_bits_per_dim_on_two_processes_equals_one_and_looking_inside_writes_its_images")),
+    Mutant("eval_noise_seeded_by_rank", "evaluation", "evaluate.py",
+           "noise = generator(device, config.run.seed, EVAL_NOISE, i)",
+           "noise = generator(device, config.run.seed, EVAL_NOISE, i + distributed.rank())",
+           tests_of("test_evaluation.py", "test_each_process_draws_the_batches_one_process_would")),
     Mutant("store_deletes_other_stores", "evaluation", "evaluate.py",
            "        others = other_stores(self.root, self.key)\n",
            "        others = other_stores(self.root, self.key)\n"

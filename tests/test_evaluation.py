@@ -88,14 +88,18 @@ def copy_run(trained, logdir):
     return logdir
 
 
+# the stochastic solver: its noise, too, must come from each batch's own generator
+SDE_SOLVER = ["--sampler", "sde_dpm_solver++", "--sample_steps", "10"]
+
+
 @pytest.mark.slow
 def test_an_eval_killed_mid_way_resumes_to_identical_scores(trained, tmp_path):
     uninterrupted = copy_run(trained, str(tmp_path / "uninterrupted"))
     run_main("--logdir", uninterrupted, "--notrain", "--eval", "--num_images", str(NUM_IMAGES),
-             "--eval_batch_size", "1")
+             "--eval_batch_size", "1", *SDE_SOLVER)
     logdir = copy_run(trained, str(tmp_path / "killed"))
     args = [sys.executable, os.path.join(ROOT, "main.py"), *TINY, "--logdir", logdir,
-            "--notrain", "--eval", "--num_images", str(NUM_IMAGES), "--eval_batch_size", "1"]
+            "--notrain", "--eval", "--num_images", str(NUM_IMAGES), "--eval_batch_size", "1", *SDE_SOLVER]
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = os.path.join(logdir, "eval_state")
     deadline = time.time() + 300
@@ -111,8 +115,38 @@ def test_an_eval_killed_mid_way_resumes_to_identical_scores(trained, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "were finished by an earlier run" in resumed.stderr
     expected, record = last_record(uninterrupted), last_record(logdir)
+    assert record["sampler"] == "sde_dpm_solver++" and record["solver_order"] == 2
     for name in ("FID", "IS", "IS_std"):
         assert record[name] == expected[name], name  # bit for bit
+
+
+@pytest.mark.parametrize("sampler", ["sde_dpm_solver++", "ddpm"])
+def test_each_process_draws_the_batches_one_process_would(sampler, monkeypatch):
+    """sample_batches on 2 processes (rank and world size stood in for) gives, batch for
+    batch, what one process gives: x_T and every noise draw of the chain come from the batch's
+    own generator. Catches a noise source shared across batches or seeded by the rank."""
+    config = Config.make(T=20, img_size=8, img_channels=1, sampler=sampler, sample_steps=5, num_images=10,
+                         eval_batch_size=3, seed=5)
+    sampler = build_sampler(config.sampling, config.diffusion)
+    net = ToyNet()
+    shares = {}
+    for rank, world_size in ((0, 1), (0, 2), (1, 2)):
+        monkeypatch.setattr(evaluate.distributed, "rank", lambda rank=rank: rank)
+        monkeypatch.setattr(evaluate.distributed, "world_size", lambda size=world_size: size)
+        shares[rank, world_size] = dict(evaluate.sample_batches(config, sampler, net, 10, torch.device("cpu")))
+    one = shares[0, 1]
+    two = {**shares[0, 2], **shares[1, 2]}
+    assert sorted(one) == sorted(two) == [0, 1, 2, 3] and set(shares[0, 2]).isdisjoint(shares[1, 2])
+    for i in one:
+        assert torch.equal(one[i], two[i]), i
+    assert not torch.equal(one[0][:1], one[1][:1])
+
+
+class ToyNet(torch.nn.Module):
+    """A fixed eps_theta(x_t, t) = 0.3 x_t + 0.01 t: deterministic, and nonlinear in nothing."""
+
+    def forward(self, x, t):
+        return 0.3 * x + 0.01 * t.view(-1, 1, 1, 1).to(x.dtype)
 
 
 @pytest.mark.slow
