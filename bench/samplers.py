@@ -84,7 +84,7 @@ def table(rows, seeds):
                 cells.append("")
                 continue
             spread = f" ± {statistics.stdev(fids):.2f}" if len(fids) > 1 else ""
-            cells.append(f"{statistics.mean(fids):.2f}{spread}" + ("" if len(fids) == len(seeds) else f" ({len(fids)} seeds)"))
+            cells.append(f"{statistics.mean(fids):.2f}{spread}" + ("" if len(fids) == len(seeds) else f" ({len(fids)} seed{'s' * (len(fids) > 1)})"))
             times.append(f"{1000 * statistics.mean(run['seconds_per_sample'] for run in runs):.2f}")
         lines.append(f"| {spec} | {skip} | {' | '.join(cells)} | {' / '.join(times)} |")
     return "\n".join(lines)
