@@ -69,7 +69,7 @@ def test_streamed_scores_equal_the_all_at_once_path_and_record_their_protocol(tr
     with open(os.path.join(trained, "ckpt.pt"), "rb") as file:
         ckpt_sha = hashlib.sha256(file.read()).hexdigest()[:12]
     protocol = {"num_samples": NUM_IMAGES, "sampler": "ddpm", "steps": 20, "eta": 0.0,
-                "skip_type": "uniform", "clip_denoised": True, "beta_schedule": "linear", "ema": True,
+                "skip_type": "quadratic", "clip_denoised": True, "beta_schedule": "linear", "ema": True,
                 "checkpoint_step": 3,
                 "checkpoint_sha256": ckpt_sha, "feature_network": "digits", "quantize": True,
                 "seed": 0, "processes": 1, "torch": torch.__version__}

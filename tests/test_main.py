@@ -154,7 +154,7 @@ def test_fast_path_splits_the_batch_up_to_bf16_rounding(tmp_path):
     (["--attn", "3"], "attn level 3 is out of range"),
     (["--img_size", "9"], "img_size 9 is not divisible by 2"),
     (["--img_channels", "3"], "digits images have 1 channel(s): set --img_channels 1, not 3"),
-    (["--notrain", "--interp_t", "5", "--sample_steps", "10"],
+    (["--notrain", "--interp_t", "5", "--sample_steps", "10", "--skip_type", "uniform"],
      "--interp_t 5 is not one of the sampler's 10 timesteps (0, 2, 4, ..., 18)"),
     (["--save_step", "-1"], "--save_step must be a number of steps >= 0 (0: off), got -1"),
     (["--dataset", "mnist"], "flag --dataset=mnist: value should be one of"),
