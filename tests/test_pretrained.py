@@ -339,7 +339,7 @@ def test_other_block_types_and_schedulers_are_refused_in_one_line(tmp_path):
     with pytest.raises(convert.ConversionError, match="down_block_types"):
         convert.architecture_from_config(config)
     for scheduler, field in (({"beta_schedule": "scaled_linear"}, "beta_schedule"),
-                             ({"variance_type": "learned_range"}, "variance_type"),
+                             ({"variance_type": "learned"}, "variance_type"),  # learned_range converts; learned does not
                              ({"prediction_type": "v_prediction"}, "prediction_type")):
         with pytest.raises(convert.ConversionError, match=field):
             convert.diffusion_flags(scheduler)
