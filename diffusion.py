@@ -404,10 +404,13 @@ class GaussianDiffusionTrainer(GaussianDiffusion):
         """(each example's loss (B,), the loss the importance sampler's history records (B,):
         the loss itself for mse and kl, the bound term L_t for hybrid)."""
         loss, recorded = self.loss_terms(x_0, t, noise)
-        return (mean_flat(loss) if loss.dim() > 1 else loss), recorded
+        if loss.dim() > 1:  # mse: the per-element error
+            loss = recorded = mean_flat(loss)
+        return loss, recorded
 
     def loss_terms(self, x_0, t, noise):
-        """(the loss as `forward` returns it, the per-example loss to record: see above)."""
+        """(the loss as `forward` returns it, the per-example loss to record: see above; None
+        for mse, whose per-example mean per_example_losses takes)."""
         x_t = self.q_sample(x_0, t, noise)
         output = self.model(x_t, t).float()
         if self.loss_type == "kl":
@@ -427,7 +430,7 @@ class GaussianDiffusionTrainer(GaussianDiffusion):
         if self.snr_gamma > 0.0:
             mse = mse * extract(self.snr_weights, t, mse)
         if self.loss_type == "mse":
-            return mse, mean_flat(mse)
+            return mse, None  # per_example_losses takes its mean where it is needed
         # the bound term sees the mean as a constant: only the variance output learns from it
         frozen = torch.cat([mean_output.detach(), var_output], dim=1)
         vb, _ = self.vb_terms_bpd(frozen, x_0, x_t, t, self.mean_type, self.var_type, clip_denoised=False)
@@ -896,12 +899,11 @@ STEPS = {
 SAMPLERS = tuple(STEPS)
 # the solvers: their factories also take order=, given solver_order or else this default
 SOLVER_DEFAULT_ORDERS = {"dpm_solver++": 2, "sde_dpm_solver++": 2, "dpm_solver": 3, "unipc": 2}
-# the spacing each sampler gets when none is asked for (skip_type None; unlisted: uniform):
-# quadratic, the best or within 1 FID of the best for each at 10 and 20 evaluations on the
-# digits demo's model (BENCHMARKS.md, 2026-11-30), where uniform spacing's last step, from
-# t = T/N to 0, is too long for every sampler but DDIM
-DEFAULT_SKIP_TYPES = {"ddpm": "quadratic", "ddim": "quadratic", "dpm_solver++": "quadratic",
-                      "sde_dpm_solver++": "quadratic", "dpm_solver": "quadratic", "unipc": "quadratic"}
+# the spacing a sampler gets when none is asked for (skip_type None): quadratic, the best or
+# within 1 FID of the best for every sampler here at 10 and 20 evaluations on the digits
+# demo's model (BENCHMARKS.md, 2026-11-30), where uniform spacing's last step, from t = T/N
+# to 0, is too long for every sampler but DDIM
+DEFAULT_SKIP_TYPE = "quadratic"
 
 
 class StepRecord(NamedTuple):
@@ -942,7 +944,7 @@ class GaussianDiffusionSampler(GaussianDiffusion):
         check_choice("mean_type", mean_type, MEAN_TYPES)
         check_choice("var_type", var_type, VAR_TYPES)
         check_choice("sampler", sampler, tuple(STEPS))
-        self.skip_type = skip_type or DEFAULT_SKIP_TYPES.get(sampler, "uniform")
+        self.skip_type = skip_type or DEFAULT_SKIP_TYPE
         check_choice("skip_type", self.skip_type, SKIP_TYPES)
         sample_steps = self.T if sample_steps is None else sample_steps
         if not 1 <= sample_steps <= self.T:
