@@ -76,8 +76,9 @@ def load_hashed(path, required=()):
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        with open(path, "rb") as file:
-            content = file.read()
+        content = files.read_regular(path)
+    except files.NotARegularFile as error:
+        raise CheckpointError(f"checkpoint {error}") from None
     except OSError as error:
         raise CheckpointError(f"checkpoint {path} is unreadable ({error.strerror})") from None
     state = unpickle(content, path)
@@ -92,6 +93,17 @@ def load_hashed(path, required=()):
     return state, hashlib.sha256(content).hexdigest()
 
 
+def refusal_detail(error):
+    """What torch's weights_only refusal found, without its advice to load the file with
+    weights_only=False, which would run whatever code the file holds."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        return text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+    found = [line.strip() for line in text.splitlines()
+             if line.strip() and "weights_only" not in line and not line.startswith("Check the documentation")]
+    return found[0] if found else "no detail"
+
+
 def unpickle(content, path):
     """torch.load of a checkpoint's bytes with weights_only=True; one line if that fails."""
     try:
@@ -103,9 +115,8 @@ def unpickle(content, path):
             raise CheckpointError(f"checkpoint {path} was not loaded: it calls {', '.join(unsafe[:3])}, "
                                   "which a checkpoint does not need and which may be unsafe (code run "
                                   "on loading)") from None
-        detail = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {path} was not loaded: it is corrupt, or holds more than "
-                              f"tensors and plain values, which may be unsafe ({detail})") from None
+                              f"tensors and plain values, which may be unsafe ({refusal_detail(error)})") from None
     except Exception as error:
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None

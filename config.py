@@ -20,6 +20,7 @@ from typing import Optional
 
 import builders
 import data
+import memory
 import model
 from diffusion import (BETA_SCHEDULES, DDIM_EPS, LOSS_TYPES, MEAN_TYPES, SAMPLERS, SKIP_TYPES, VAR_TYPES,
                        beta_schedule)
@@ -146,6 +147,7 @@ class DiffusionConfig(Section):
 
     def check(self):
         require(self.T >= 1, f"--T must be at least 1 diffusion step, got {self.T}")
+        memory.check_schedule(self.T)  # before it is built, several times, below
         try:  # the diffusion checks its own arguments; no network is needed for that
             builders.build_trainer(None, self)
         except ValueError as error:
@@ -333,6 +335,8 @@ class Config:
         steps = self.sampler().timesteps  # the sampler checks its steps against T and the variance
         try:  # the loss checks its weighting against the loss and variance types
             builders.build_trainer(None, self.diffusion, self.training)
+            if self.actions.bpd:  # every term of the bound, as the kl loss needs them
+                builders.build_diffusion(self.diffusion).check_bound(self.diffusion.mean_type, "--bpd")
         except ValueError as error:
             raise ConfigError(str(error)) from None
         for t in self.actions.interp_t:

@@ -25,7 +25,7 @@ here in the official layout, into a new or empty folder.
 
 Both write into a temporary folder beside the target, <target>.<pid>.tmp: export renames it to
 the target; import, holding the logdir's lock (lock.py), moves its two files into the logdir
-together, with the stop signals held back. An error, a full disk or SIGINT/SIGTERM (exit status
+together, with the stop signals held back. An error, a full disk or a stop signal (exit status
 128 + the signal) leaves the target as it was and removes the folders the command made.
 """
 import argparse
@@ -38,13 +38,17 @@ import shutil
 import signal
 import sys
 
+import signals
+
+if __name__ == "__main__":  # Ctrl-C while the modules below load: one line, not a traceback
+    signals.exit_at_once()
+
 import torch
 
 import checkpoint
 import files
 import lock
 import model
-import signals
 from builders import build_model
 from config import Config, ConfigError, flagfile_text
 from errors import UserError
@@ -266,7 +270,7 @@ def staging(target, folder):
 
 @contextlib.contextmanager
 def stops_held():
-    """SIGINT and SIGTERM held back while the block runs, and delivered after it."""
+    """The stop signals held back while the block runs, and delivered after it."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, signals.SIGNALS)
     try:
         yield
@@ -366,8 +370,9 @@ def download(name):
 def read_json(path):
     """The settings of a JSON config file: an object, or one line saying what is wrong."""
     try:
-        with open(path, encoding="utf-8") as file:
-            content = json.load(file)
+        content = json.loads(files.read_regular(path, files.TEXT_LIMIT).decode("utf-8"))
+    except files.NotARegularFile as error:
+        raise ConversionError(f"{error}: expected a JSON config file") from None
     except (OSError, ValueError, RecursionError) as error:
         raise ConversionError(f"{path} is not readable JSON ({error})") from None
     if not isinstance(content, dict):
@@ -389,16 +394,17 @@ def read_weights(folder):
     safetensors_path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
     bin_path = os.path.join(folder, "diffusion_pytorch_model.bin")
     path = safetensors_path if os.path.exists(safetensors_path) else bin_path
+    if not os.path.exists(path):
+        raise ConversionError(f"{folder} has no diffusion_pytorch_model.safetensors or .bin")
     try:
+        content = files.read_regular(path)
         if path == safetensors_path:
-            from safetensors.torch import load_file
-            weights = load_file(path)
-        elif os.path.exists(path):
-            weights = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise ConversionError(f"{folder} has no diffusion_pytorch_model.safetensors or .bin")
-    except ConversionError:
-        raise
+            from safetensors.torch import load
+            weights = load(content)
+        else:  # a pickle: tensors and plain values only, and a refusal that names what it calls
+            weights = checkpoint.unpickle(content, path)
+    except (files.NotARegularFile, checkpoint.CheckpointError) as error:
+        raise ConversionError(str(error)) from None
     except Exception as error:
         raise ConversionError(f"the weights in {folder} are unreadable ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None

@@ -48,10 +48,30 @@ def to_signed_unit(x):
     return x * 2.0 - 1.0
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_8_bits(image):
+    """A PIL image whose 8-bit conversion PIL does not scale, as 8-bit grayscale: 16-bit
+    grayscale (a 16-bit PNG; PIL's own conversion clips it at 255, saturating almost every
+    pixel) scaled by 255 / 65535 and rounded. 32-bit integer and float pixels have no
+    known range: ValueError. Other modes pass unchanged (16-bit RGB PNGs PIL already reads as
+    8-bit RGB)."""
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+        pixels = np.asarray(image).astype(np.float64)  # a 16-bit PNG opens as "I" in some PIL versions
+        return Image.fromarray(np.rint(pixels * (255.0 / 65535.0)).astype(np.uint8), mode="L")
+    if image.mode in ("I", "F"):
+        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        raise ValueError(f"its pixels are {kind} (PIL mode {image.mode}), whose range is unknown: "
+                         "save it with 8 or 16 bits per channel")
+    return image
+
+
 def prepare_image(image, img_size, channels):
     """A PIL image as the official code prepared LSUN (StyleGAN2's dataset tool): its centred
     square, offsets rounded down, resized to img_size with PIL's Lanczos filter (antialiased);
     uint8 (channels, img_size, img_size)."""
+    image = to_8_bits(image)
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.convert("RGB").crop((left, top, left + side, top + side))
@@ -215,9 +235,9 @@ def key_cache_paths(db_path):
 def read_key_cache(path, entries):
     """(blob, ends) from a cache file that lists `entries` keys, else None."""
     try:
-        with np.load(path, allow_pickle=False) as cached:
+        with files.open_regular(path) as file, np.load(file, allow_pickle=False) as cached:
             blob, ends = cached["blob"], cached["ends"]
-    except (OSError, ValueError, KeyError):  # absent, unreadable, or not ours
+    except (OSError, ValueError, KeyError):  # absent, unreadable, not a regular file, or not ours
         return None
     return (blob, ends) if len(ends) == entries else None
 

@@ -164,20 +164,42 @@ def sample_timesteps(alphas_bar, steps, skip_type):
                linearly in lambda and rounding. Rounding can repeat a timestep near t = 0,
                where lambda moves fastest; a repeat moves up to the next free timestep, so
                there are always `steps` of them.
-    steps = T is the full chain 0..T-1 whatever the skip type.
+    steps = T is the full chain whatever the skip type.
+
+    No sampler can start where abar_t = 0 (the jsd schedule's t = T-1): x_t holds nothing of
+    x_0 there, an epsilon model's x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t) is
+    0/0, and lambda_t = -inf. So the timesteps lie in 0..T'-1, T' the number of leading
+    timesteps with abar_t > 0 (T' = T - 1 for jsd, T for every other schedule): the full chain
+    is 0..T'-1; uniform and quadratic keep their spacing in T, which for steps < T stays below
+    T - 1 (quadratic's reaches it at T <= 5: a timestep past T'-1 moves down to it, a repeat
+    is dropped); logsnr spans lambda_{T'-1}..lambda_0. x_T ~ N(0, I) stands in for x_{T'-1}, whose
+    q(x_{T'-1} | x_0) = N(sqrt(abar) x_0, (1 - abar) I) has abar = 1/T for jsd.
+    steps = 1 is the one step from noise at t = T'-1, whatever the skip type: spaced from
+    t = 0 it would take x_T for nearly clean data. Raises ValueError when T' = 0.
     """
     T = len(alphas_bar)
+    abar = np.asarray(alphas_bar, dtype=np.float64)
+    usable = int(np.count_nonzero(abar > 0))  # abar is non-increasing: the leading ones
+    if usable == 0:
+        raise ValueError("abar_t = 0 at every timestep (jsd with T = 1): x_t keeps nothing of x_0 "
+                         "at any t, so there is no timestep to sample from; use T >= 2")
     if steps >= T:
-        return list(range(T))
+        return list(range(usable))
+    if steps == 1:
+        return [usable - 1]
+    if skip_type != "logsnr":
+        return sorted({min(t, usable - 1) for t in spaced_in_time(T, steps, skip_type)})
+    lam = 0.5 * (np.log(abar[:usable]) - np.log1p(-abar[:usable]))  # decreasing in t
+    targets = np.linspace(lam[-1], lam[0], min(steps, usable))
+    kept = np.rint(np.interp(targets, lam[::-1], np.arange(usable)[::-1])).astype(int)
+    return distinct_ascending(kept, usable)
+
+
+def spaced_in_time(T, steps, skip_type):
+    """`sample_timesteps`' uniform or quadratic timesteps of a T-step chain, 1 < steps < T."""
     if skip_type == "uniform":
         return [k * T // steps for k in range(steps)]
-    if skip_type == "quadratic":
-        return np.unique((np.linspace(0, np.sqrt(0.8 * T), steps) ** 2).astype(int)).tolist()
-    abar = np.asarray(alphas_bar, dtype=np.float64)
-    lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # decreasing in t
-    targets = np.linspace(lam[-1], lam[0], steps)
-    kept = np.rint(np.interp(targets, lam[::-1], np.arange(T)[::-1])).astype(int)
-    return distinct_ascending(kept, T)
+    return np.unique((np.linspace(0, np.sqrt(0.8 * T), steps) ** 2).astype(int)).tolist()
 
 
 def distinct_ascending(kept, T):
@@ -324,6 +346,22 @@ class GaussianDiffusion(nn.Module):
         kl = normal_kl(mean, log_var, torch.zeros_like(x_0), torch.zeros_like(x_0))
         return mean_flat(kl) / math.log(2.0)
 
+    def check_bound(self, mean_type, what, alternative=""):
+        """Raise a one-line ValueError naming `what` (a loss type, --bpd; `alternative` ends its
+        advice) where a term of the variational bound has no value on this chain. L_0's
+        variance, and every clipped one, is betatilde_1 in place of betatilde_0 = 0, so T >= 2.
+        Where abar_t = 0 (jsd's t = T-1) an epsilon model's x0_hat = (x_t - eps_hat) / 0 is
+        undefined, and with it the mean of p(x_{t-1} | x_t); an xstart or xprev model gives
+        that mean directly (c2_t = 0 there: the posterior does not depend on x_t), so its
+        bound is finite."""
+        if self.T < 2:
+            raise ValueError(f"{what} needs T >= 2: the bound's variance at t = 0 is betatilde_1 "
+                             f"in place of betatilde_0 = 0, and T = {self.T} has no t = 1")
+        if mean_type == "epsilon" and self.alphas_bar[-1] == 0:
+            raise ValueError(f"{what} is undefined for mean_type 'epsilon' on a schedule that ends at "
+                             f"abar_t = 0 (jsd): x0_hat = (x_t - eps_hat) / sqrt(abar_t) has no value at "
+                             f"t = {self.T - 1}; use mean_type 'xstart' or 'xprev'{alternative}")
+
 
 class GaussianDiffusionTrainer(GaussianDiffusion):
     """The training loss of one random timestep per example.
@@ -342,6 +380,10 @@ class GaussianDiffusionTrainer(GaussianDiffusion):
     example (the mse loss, hybrid's L_simple) so that every mean type trains the same
     objective, min(SNR_t, G) |x0_hat - x_0|^2 with SNR_t = abar_t / (1 - abar_t)
     (`min_snr_weights`). 0: off.
+
+    The bound's losses (kl, hybrid) need every term defined (`check_bound`): T >= 2, and no
+    epsilon model on a schedule that reaches abar_t = 0. The mse loss is defined everywhere:
+    its eps target is the noise itself, also where x_t is nothing else.
     """
 
     def __init__(self, model, betas, mean_type="epsilon", loss_type="mse", var_type="fixedlarge",
@@ -364,6 +406,9 @@ class GaussianDiffusionTrainer(GaussianDiffusion):
         if snr_gamma > 0.0 and loss_type == "kl":
             raise ValueError("--snr_gamma weights the squared error (loss_type 'mse', and hybrid's "
                              "L_simple); loss_type 'kl' is the bound itself, which it does not weight")
+        if loss_type != "mse":
+            self.check_bound(mean_type, f"loss_type {loss_type!r}",
+                             ", or loss_type 'mse' with a fixed var_type")
         self.model = model
         self.mean_type = mean_type
         self.loss_type = loss_type
@@ -606,16 +651,20 @@ class DDIMStep(SamplerStep):
 
 
 def ddpm_step(betas, timesteps, mean_type, var_type, clip_denoised, eta):
-    """Ancestral sampling: Algorithm 2 when the kept timesteps are the whole chain, the
-    respaced chain otherwise."""
+    """Ancestral sampling: Algorithm 2 when the kept timesteps are the whole chain (every t
+    with abar_t > 0, `sample_timesteps`), the respaced chain otherwise."""
     if eta != 0.0:
         raise ValueError("eta is the noise scale of sampler 'ddim'; sampler 'ddpm' takes none")
-    strided = len(timesteps) < len(betas)
+    usable = int((torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), 0) > 0).sum())
+    strided = timesteps != list(range(usable))
     if strided and var_type == "learned":
         raise ValueError("var_type 'learned' is the variance of one original step: sample it with "
                          "sample_steps = T or sampler 'ddim' ('learned_range' samples a strided chain)")
     if len(timesteps) < 2:
-        raise ValueError("sampler 'ddpm' needs at least 2 timesteps (sample_steps >= 2)")
+        # its variances at the last step clip betatilde_0 = 0 to betatilde_1 of a second step
+        raise ValueError(f"sampler 'ddpm' needs at least 2 timesteps, got {len(timesteps)}: use "
+                         "sample_steps >= 2 and T >= 2 (T >= 3 for jsd, whose last t has abar_t = 0), "
+                         "or sampler 'ddim'")
     step = StridedAncestralStep if strided else AncestralStep
     return step(betas, timesteps, mean_type, var_type, clip_denoised)
 
@@ -676,6 +725,19 @@ class SolverStep(SamplerStep):
         """Append (x0_hat, its point), keeping the last `keep`; the newest is history[-1]."""
         self.history = (self.history + [(x0_hat, point)])[-keep:]
 
+    def step_order(self, i, seen):
+        """The order of step i once `seen` x0_hat of this chain are known (its own included):
+        each solver's rule, the one its `forward` applies."""
+        raise NotImplementedError
+
+    @property
+    def highest_order(self):
+        """The highest order any step of a chain through all the kept timesteps uses, for the
+        record of what ran: `order` is only what was asked for, and a short chain may never
+        reach it (its step i has seen len(timesteps) - i x0_hat)."""
+        steps = len(self.timesteps)
+        return max(self.step_order(i, steps - i) for i in range(steps))
+
 
 def multistep_differences(history, lam, h):
     """D0 and the scaled differences of DPM-Solver++'s multistep updates (Lu et al. 2022b,
@@ -710,8 +772,8 @@ class DPMSolverPPStep(SolverStep):
     chain has fewer than 15 kept timesteps: diffusers' `lower_order_final`.
     """
 
-    def step_order(self, i):
-        order = min(self.order, len(self.history))
+    def step_order(self, i, seen):
+        order = min(self.order, seen)
         if i == 0:
             return 1
         return min(order, 2) if i == 1 and len(self.timesteps) < 15 else order
@@ -719,7 +781,7 @@ class DPMSolverPPStep(SolverStep):
     def forward(self, output, x_t, i, generator=None):
         x0_hat = self.data_prediction(output, x_t, i)
         self.remember(x0_hat, i + 1, self.order)
-        order, s, t = self.step_order(i), i + 1, i
+        order, s, t = self.step_order(i, len(self.history)), i + 1, i
         h = self.lam[t] - self.lam[s]
         d0, d1, d2 = multistep_differences(self.history[len(self.history) - order:], self.lam, h)
         return self.update(x_t, s, t, h, (d0, d1, d2), i, generator), x0_hat
@@ -797,10 +859,13 @@ class DPMSolverSinglestepStep(SolverStep):
         super().reset()
         self.start = None
 
+    def step_order(self, i, seen):
+        return min(self.orders[len(self.timesteps) - 1 - i], seen)
+
     def forward(self, output, x_t, i, generator=None):
         x0_hat = self.data_prediction(output, x_t, i)
         self.remember(x0_hat, i + 1, self.order)
-        order = min(self.orders[len(self.timesteps) - 1 - i], len(self.history))
+        order = self.step_order(i, len(self.history))
         if order == 1:
             self.start = x_t
         (m_g, g), (m0, s0), t = self.history[-order], self.history[-1], i
@@ -861,13 +926,17 @@ class UniPCStep(SolverStep):
         super().reset()
         self.last = None
 
+    def step_order(self, i, seen):
+        """The predictor's order; the corrector that follows it has the same."""
+        return min(self.order, i + 1, seen)
+
     def forward(self, output, x_t, i, generator=None):
         x0_hat = self.data_prediction(output, x_t, i)
         if self.last is not None:
             x_s, order = self.last
             x_t = self.update(self.history[-order:], x_s, i + 1, x0_hat)
         self.remember(x0_hat, i + 1, self.order)
-        order = min(self.order, i + 1, len(self.history))
+        order = self.step_order(i, len(self.history))
         self.last = (x_t, order)
         return self.update(self.history[-order:], x_t, i), x0_hat
 
@@ -931,6 +1000,12 @@ class GaussianDiffusionSampler(GaussianDiffusion):
     per kept timestep, of order solver_order (0: the sampler's default,
     `SOLVER_DEFAULT_ORDERS`; ddpm and ddim ignore it). sample_steps=None means T.
     Constructing one validates a sampling configuration without a network.
+
+    No sampler visits a timestep whose abar_t is 0 (jsd's t = T-1, where x0_hat of an epsilon
+    model is 0/0 and the solvers' lambda is -inf): x_T ~ N(0, I) enters at the last t with
+    abar_t > 0, as it enters a strided chain at its last kept step (`sample_timesteps`). So
+    a jsd chain has at most T - 1 steps, and `len(timesteps)` is what ran, whatever
+    sample_steps (1..T) asked for; sample_steps = 1 is the one step from that t.
 
     timesteps: the kept timesteps, ascending; T: the length of the full chain; step: the
     sampler's `SamplerStep`. The network is called as net(x_t, t), t a LongTensor of original

@@ -2,8 +2,8 @@
 (--nprocs) or from outside by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
 The processes of a job meet at its store (a TCPStore at MASTER_ADDR:MASTER_PORT) before they
-form the process group. Under torchrun each process runs its own start-up checks, and they
-agree through the store (`starting_together`) before any of them waits in a collective: one
+form the process group. Under torchrun each process runs its own start-up checks (the first:
+its configuration is rank 0's, `JobStart.agree`), and they agree through the store (`starting_together`) before any of them waits in a collective: one
 that fails or is stopped ends the others within seconds, one that never comes or goes silent
 after START_TIMEOUT, each naming it in one line. Every wait of the start-up polls in Python,
 so a stop signal is answered at once.
@@ -11,6 +11,7 @@ so a stop signal is answered at once.
 import contextlib
 import ctypes
 import datetime
+import json
 import os
 import signal
 import socket
@@ -227,9 +228,10 @@ def connect(host, port, rank, world_size):
 
 class JobStart:
     """This process's part in the start of a torchrun job, through keys of the job's store:
-    beat/R (rank R's heartbeat count), passed (how many passed their checks), failed (the
-    first failure's line), seen (how many have read it). Rank 0 watches every heartbeat and
-    posts a silent rank as the failure; the others watch rank 0's."""
+    beat/R (rank R's heartbeat count), flags (rank 0's configuration), agreed (how many others
+    found theirs the same), passed (how many passed their checks), failed (the first failure's
+    line), seen (how many have read it). Rank 0 watches every heartbeat and posts a silent rank
+    as the failure; the others watch rank 0's."""
 
     def __init__(self, rank, world_size):
         global _store
@@ -292,26 +294,46 @@ class JobStart:
                               f"{self.port} at start-up: the process that hosts it (rank 0 or its torchrun "
                               "agent) stopped; its own log says why") from None
 
-    def outcome(self):
-        """The first failure's line, "" once every rank has passed, None while undecided."""
+    def outcome(self, done):
+        """The first failure's line, "" once done(), None while undecided."""
         if self.store.check(["failed"]):
             return self.store.get("failed").decode()
-        if self.store.add("passed", 0) >= self.world_size:
+        if done():
             return ""
         return self.silence()
+
+    def until(self, done, note):
+        """Wait until done(); StartFailed, once read, for a failure (a silent rank's) first."""
+        failure = self.wait(lambda: self.outcome(done), f"{note} (gives up on one silent for "
+                                                        f"{int(START_TIMEOUT.total_seconds())} s)")
+        if failure:
+            self.read(stay=True)
+            raise StartFailed(failure)
+
+    def agree(self, values):
+        """This process was started with rank 0's configuration, values ({flag name: value},
+        JSON-able): rank 0 posts its own and returns once every other rank has found its the
+        same, so that nothing is written for a job that will not run; a rank whose values
+        differ raises FlagsDiffer, which starting_together posts as its failure."""
+        mine = json.loads(json.dumps(values))  # as rank 0's arrive: tuples as lists
+        if self.rank == 0:
+            self.store.set("flags", json.dumps(mine))
+            self.until(lambda: self.store.add("agreed", 0) >= self.world_size - 1,
+                       "waits for the other processes of the job to compare their flags with its own")
+            return
+        self.until(lambda: self.store.check(["flags"]), "waits for rank 0's flags")
+        line = differences(json.loads(self.store.get("flags")), mine, self.rank)
+        if line:
+            raise FlagsDiffer(line)
+        self.store.add("agreed", 1)
 
     def passed(self):
         """This process passed its checks: wait for the others'; StartFailed names the first
         rank that failed."""
         self.store.add("passed", 1)
-        failure = self.wait(self.outcome, "waits for the other processes of the job to finish their "
-                                          f"start-up checks (gives up on one silent for "
-                                          f"{int(START_TIMEOUT.total_seconds())} s)")
-        if not failure:
-            self.done.set()
-            return
-        self.read(stay=True)
-        raise StartFailed(failure)
+        self.until(lambda: self.store.add("passed", 0) >= self.world_size,
+                   "waits for the other processes of the job to finish their start-up checks")
+        self.done.set()
 
     def failed(self, line, stay):
         """This process failed its start-up: post its line, unless a failure came first; stay:
@@ -337,18 +359,54 @@ class JobStart:
         return True if self.silence() is not None and self.rank != 0 else None
 
 
+class FlagsDiffer(UserError):
+    """The processes of a job were started with different configurations."""
+
+
+SHOWN_DIFFERENCES = 5  # flags named in the line; the rest are counted
+
+
+def shown(value):
+    """A configuration value as a flag's value reads."""
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "(empty)"
+    return str(value) if value != "" else "(empty)"
+
+
+def differences(first, mine, rank):
+    """The line naming the flags whose values differ between rank 0's and this rank's, in
+    rank 0's order, or "". Compared as JSON, so that a NaN equals itself; a flag only one of
+    them knows (another version of the program) differs too."""
+    missing = "(no such flag)"
+    names = list(first) + [name for name in mine if name not in first]
+    differ = [f"--{name} {shown(first.get(name, missing))} on rank 0, {shown(mine.get(name, missing))} "
+              f"on rank {rank}" for name in names
+              if name not in first or name not in mine or json.dumps(first[name]) != json.dumps(mine[name])]
+    if not differ:
+        return ""
+    more = len(differ) - SHOWN_DIFFERENCES
+    return (f"the processes of this job were started with different flags: "
+            f"{'; '.join(differ[:SHOWN_DIFFERENCES])}{f'; and {more} more' if more > 0 else ''}: "
+            "start every node with the same command")
+
+
 @contextlib.contextmanager
 def starting_together(one_line):
     """Around the start-up checks of a process of a torchrun job: it reaches the job's store
     (within START_TIMEOUT), runs its checks, and leaves only once every process has passed
-    theirs. A failure here (one_line(error): its line) is posted for the others before it
-    goes on; a failure elsewhere is StartFailed here. Outside such a job: the checks alone."""
+    theirs. Yields the JobStart, whose agree() the checks call first, or None outside such a
+    job. A failure here (one_line(error): its line) is posted for the others before it goes
+    on; a failure elsewhere is StartFailed here. Outside such a job: the checks alone."""
     if not launched_by_torchrun() or env_world_size() == 1:
-        yield
+        yield None
         return
     job = JobStart(env_rank(), env_world_size())
     try:
-        yield
+        yield job
         job.passed()
     except StartFailed:
         raise
@@ -369,7 +427,7 @@ def report_start_failure(line):
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-STOP_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # main.py's exit on a stop signal
+STOP_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP)  # main.py's exit on a stop signal
 
 
 def die_with_parent(parent):
@@ -416,6 +474,7 @@ def spawn(fn, nprocs, *args):
                 process.terminate()
 
     signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGHUP, forward)  # a closed terminal: the workers checkpoint first, as for SIGTERM
     try:
         while not context.join():
             pass

@@ -64,7 +64,7 @@ def make_evaluator(config, device):
 
 def short_sha256(path, length=12):
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
+    with files.open_regular(path) as file:
         for block in iter(lambda: file.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()[:length]
@@ -79,7 +79,8 @@ def my_block(count):
 @torch.no_grad()
 def sample_batches(config, sampler, net, num_images, device, skip=(), desc="generating"):
     """(i, images in [0, 1]) for each batch i of this process's share of num_images samples,
-    but those in skip; batch i's noise comes from its own generator."""
+    but those in skip; batch i's noise comes from its own generator. A batch that is not
+    finite is refused here (reports.NonFiniteSamples), before it can be scored or saved."""
     shape = (config.model.img_channels, config.model.img_size, config.model.img_size)
     batch = config.eval.eval_batch_size
     first_batch, last_batch = my_block(-(-num_images // batch))
@@ -88,11 +89,16 @@ def sample_batches(config, sampler, net, num_images, device, skip=(), desc="gene
         size = min(batch, num_images - i * batch)
         noise = generator(device, config.run.seed, EVAL_NOISE, i)
         x_T = torch.randn((size, *shape), generator=noise, device=device)
-        yield i, (sampler(net, x_T, generator=noise) + 1) / 2
+        images = sampler(net, x_T, generator=noise)
+        reports.require_finite(images, f"sample batch {i}",
+                               f"nothing was scored and batch {i} was not saved")
+        yield i, (images + 1) / 2
 
 
 STORE_MARKER = "ddpm-eval"  # identity.json's "store": a folder this program made and may delete from
 OWN_FILE = re.compile(r"(identity\.json|batch_\d{6,}\.pt)(\.\d+\.tmp)?")  # what a store writes
+BATCH_FILE = re.compile(r"batch_(\d{6,})\.pt")
+IDENTITY_LIMIT = 2 ** 20
 
 
 class StoreError(UserError, RuntimeError):
@@ -102,13 +108,10 @@ class StoreError(UserError, RuntimeError):
 def read_identity(folder):
     """The JSON of folder/identity.json if it is a regular file (a symlink is not followed),
     else None."""
-    path = os.path.join(folder, "identity.json")
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None
-        with open(path, "rb") as file:
-            return json.loads(file.read())
-    except (OSError, ValueError):
+        return json.loads(files.read_regular(os.path.join(folder, "identity.json"), IDENTITY_LIMIT,
+                                             follow_links=False))
+    except (OSError, ValueError):  # files.NotARegularFile is an OSError
         return None
 
 
@@ -202,9 +205,13 @@ class BatchStore:
         return os.path.join(self.folder, f"batch_{i:06d}.pt")
 
     def read(self, i):
-        """(batch i, None), or (None, why it cannot be used)."""
+        """(batch i, None), or (None, why it cannot be used). Only a regular file is read, never
+        a link: what the store did not write (a link to a file elsewhere) is not a batch."""
         try:
-            record = torch.load(self.path(i), map_location="cpu", weights_only=True)
+            with files.open_regular(self.path(i), follow_links=False) as file:
+                record = torch.load(file, map_location="cpu", weights_only=True)
+        except files.NotARegularFile as error:
+            return None, str(error)
         except Exception as error:
             detail = str(error).splitlines()[0] if str(error) else "no detail"
             return None, f"{type(error).__name__}: {detail}"
@@ -212,20 +219,28 @@ class BatchStore:
         return (None, why) if why else (record, None)
 
     def finished(self, batches):
-        """Those of `batches` already on disk and sound. Each is loaded and checked against its
-        layout; one that does not fit is deleted with a note, to be drawn again (batch i's
-        noise is seeded by i: the same batch)."""
+        """Those of `batches` (a range) already on disk and sound, found in one listing of the
+        folder. Each is loaded and checked against its layout; one that does not fit, or is no
+        regular file (a link, a FIFO, an empty folder), is removed with a note, to be drawn
+        again (batch i's noise is seeded by i: the same batch). A folder that holds something
+        in a batch's place is not the store's to delete: one line."""
         done = set()
-        for i in batches:
-            if not os.path.exists(self.path(i)):
-                continue
+        found = sorted(int(match[1]) for name in os.listdir(self.folder) if (match := BATCH_FILE.fullmatch(name)))
+        for i in (i for i in found if i in batches):
             why = self.read(i)[1]
             if why is None:
                 done.add(i)
                 continue
             print(f"note: {self.path(i)} is unreadable or malformed ({why}); drawing batch {i} again",
                   file=sys.stderr)
-            os.remove(self.path(i))
+            try:  # os.remove takes a link away, never what it points to
+                if stat.S_ISDIR(os.lstat(self.path(i)).st_mode):
+                    os.rmdir(self.path(i))
+                else:
+                    os.remove(self.path(i))
+            except OSError as error:
+                raise StoreError(f"{self.path(i)} is in the place of batch {i} and cannot be removed "
+                                 f"({error.strerror}): move it away and run the command again") from None
         return done
 
     def save(self, i, tensors):
@@ -288,8 +303,8 @@ def protocol_record(config, sampler, evaluator, num_samples, step, ckpt_sha256, 
               "quantize": config.eval.fid_quantize, "seed": config.run.seed,
               "processes": distributed.world_size(),
               "torch": torch.__version__, "wall_time_s": round(time.time() - started, 1)}
-    if hasattr(sampler.step, "order"):
-        record["solver_order"] = sampler.step.order
+    if hasattr(sampler.step, "highest_order"):  # what ran: a short chain may not reach the order asked
+        record["solver_order"] = sampler.step.highest_order
     if sampling.sampler == "ddim" and sampling.clip_denoised:
         record["ddim_eps"] = sampling.ddim_eps
     if evaluator and evaluator.feature == "inception" and num_samples < PUBLISHED_SAMPLES:
@@ -511,9 +526,9 @@ def interpolation_image(model, name, dataset):
     if name.isdigit():
         return dataset[int(name)][0]
     try:
-        with Image.open(name) as image:
-            return data.image_transform(model.img_size, False, model.img_channels)(image.convert("RGB"))
-    except OSError as error:
+        with files.open_regular(name) as file, Image.open(file) as image:
+            return data.image_transform(model.img_size, False, model.img_channels)(image)
+    except (OSError, ValueError) as error:  # not a regular file (a FIFO would block), pixels of no known range
         raise data.DatasetError(f"--interp_images: {name} is neither a training-set index nor a "
                                 f"readable image ({error})") from None
 

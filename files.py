@@ -10,6 +10,7 @@ import glob
 import io
 import os
 import shutil
+import stat
 
 import torch
 
@@ -23,9 +24,9 @@ class WriteError(UserError, RuntimeError):
 
 
 def readable(size):
-    for unit, scale in (("MB", 2 ** 20), ("kB", 2 ** 10)):
+    for unit, scale in (("TB", 2 ** 40), ("GB", 2 ** 30), ("MB", 2 ** 20), ("kB", 2 ** 10)):
         if size >= scale:
-            return f"{size / scale:.1f} {unit}"
+            return f"{size / scale:,.1f} {unit}"
     return f"{size} bytes"
 
 
@@ -57,11 +58,63 @@ def write_atomically(path, write, size):
         raise WriteError(f"cannot write {path}: {reason}; nothing was changed there") from None
 
 
-def read_text(path):
-    """A small text file (a flagfile) as a string; one line if it is not UTF-8 text."""
+class NotARegularFile(UserError, OSError):
+    """A file to read that is not a regular file (a FIFO, a device, a folder, a link where
+    none may be) or is larger than its format allows. An OSError too, so that code which
+    treats an unreadable file as absent (a cache, say) treats this one so."""
+
+
+KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+         (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+TEXT_LIMIT = 2 ** 20  # a flagfile or a JSON config of a megabyte is not one
+
+
+def kind_of(mode):
+    return next((name for test, name in KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path, limit=None, follow_links=True):
+    """path opened for binary reading if it is a regular file of at most `limit` bytes (None:
+    any size), else NotARegularFile naming it. The kind is checked on the opened descriptor,
+    not on the name, so that nothing swapped in meanwhile is read; the open itself cannot
+    block (O_NONBLOCK: a FIFO would wait for a writer). follow_links=False refuses a
+    symbolic link; otherwise a link to a regular file is that file. Other failures (absent,
+    no permission) are the OSError of open."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
     try:
-        with open(path, encoding="utf-8") as file:
-            return file.read()
+        descriptor = os.open(path, flags)
+    except OSError as error:
+        if error.errno == errno.ELOOP and not follow_links:
+            raise NotARegularFile(f"{path} is a symbolic link, not a regular file") from None
+        raise
+    info = os.fstat(descriptor)
+    why = None
+    if not stat.S_ISREG(info.st_mode):
+        why = f"{path} is {kind_of(info.st_mode)}, not a regular file"
+    elif limit is not None and info.st_size > limit:
+        why = f"{path} is {readable(info.st_size)}, more than the {readable(limit)} such a file can be"
+    if why:
+        os.close(descriptor)
+        raise NotARegularFile(why)
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+
+
+def read_regular(path, limit=None, follow_links=True):
+    """The bytes of a regular file (open_regular); at most limit + 1 are read, so that a file
+    that grows while it is read is refused too, not read without end."""
+    with open_regular(path, limit, follow_links) as file:
+        content = file.read() if limit is None else file.read(limit + 1)
+    if limit is not None and len(content) > limit:
+        raise NotARegularFile(f"{path} is more than the {readable(limit)} such a file can be")
+    return content
+
+
+def read_text(path):
+    """A small text file (a flagfile) as a string; one line if it is not a regular file of
+    at most TEXT_LIMIT bytes of UTF-8 text."""
+    try:
+        return read_regular(path, TEXT_LIMIT).decode("utf-8")
     except UnicodeDecodeError as error:
         raise UserError(f"{path} is not UTF-8 text (byte {error.start}): a flagfile holds lines "
                         "--name=value") from None

@@ -24,11 +24,15 @@ import data
 import distributed
 import files
 import lock
+import memory
 from config import ConfigError
 from errors import UserError
 
 FLAGS = flags.FLAGS
 LEGACY_TITLE = "Accepted for the earlier port's flagfiles"
+# Where a machine keeps the data and how it loads it may differ between the nodes of a job;
+# any other flag that differs would train apart, or deadlock in a collective, under one flagfile.
+PER_NODE_FLAGS = ("data_root", "num_workers")
 
 
 def define_flag(item, kind):
@@ -99,8 +103,9 @@ def list_flags_from_last_source(argv):
 
 
 def read_flagfile_args(path):
-    """A flagfile's arguments, as absl reads them; a file that is not UTF-8 is one line."""
-    if os.path.isfile(path):
+    """A flagfile's arguments, as absl reads them; a file that is not UTF-8 text, or not a
+    regular file (a FIFO would block absl's read, /dev/zero never end it), is one line."""
+    if os.path.lexists(path):
         files.read_text(path)
     return FLAGS.read_flags_from_files([f"--flagfile={path}"], force_gnu=False)
 
@@ -244,6 +249,19 @@ def validate(run_config, world_size, device_type):
     if needs_model and not actions.train and not os.path.exists(ckpt_path):
         raise ConfigError(f"there is no checkpoint {ckpt_path} to evaluate; train first or point "
                           "--logdir at a run")
+    if actions.eval and actions.save_samples:
+        check_samples_path(actions.save_samples)
+    memory.check(run_config, world_size, device_type)
+
+
+def check_samples_path(path):
+    """--save_samples names an .npz file or a folder of PNGs; what is there already must be
+    that, or the samples would be drawn and then have nowhere to go."""
+    if path.endswith(".npz") and os.path.isdir(path):
+        raise ConfigError(f"--save_samples {path} is a folder: a name ending in .npz is the file to write")
+    if not path.endswith(".npz") and os.path.lexists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--save_samples {path} exists and is not a folder: name a folder for PNGs, "
+                          "or a file ending in .npz")
 
 
 def run(rank, world_size, run_config, device_type):
@@ -336,11 +354,14 @@ def prepare_logdir(run_config, made):
         made.files.append(path)
 
 
-def start(launched, made):
-    """Every check before any work, on every process: the configuration, the machine, the
-    logdir, the data; nothing is written before they pass. Then rank 0 prepares the logdir.
+def start(launched, made, job=None):
+    """Every check before any work, on every process: the configuration (under torchrun, the
+    same as rank 0's: job, a distributed.JobStart), the machine, the logdir, the data; nothing
+    is written before they pass. Then rank 0 prepares the logdir.
     Returns (run_config, device_type, world_size)."""
     run_config = configuration_from_flags()
+    if job is not None:
+        job.agree({name: value for name, value in run_config.values().items() if name not in PER_NODE_FLAGS})
     device_type = resolve_device(run_config.run.device)
     if launched and run_config.run.nprocs > 1:
         raise ConfigError("under torchrun, set processes with --nproc_per_node, not --nprocs")
@@ -382,8 +403,8 @@ def main(argv):
     made = StartUpFiles()
     try:
         try:
-            with distributed.starting_together(start_failure_line):
-                run_config, device_type, world_size = start(launched, made)
+            with distributed.starting_together(start_failure_line) as job:
+                run_config, device_type, world_size = start(launched, made, job)
             if launched or run_config.run.nprocs == 1:
                 run(distributed.env_rank(), world_size, run_config, device_type)
             else:

@@ -2,7 +2,8 @@
 
 The two walks take a `GaussianDiffusionSampler` (diffusion.py) and the network, in eval mode,
 and read the sampler's one reverse chain (`chain`). Images are tensors in [-1, 1]; files are
-8-bit PNG/GIF written by PIL, a pixel x stored as round((x + 1) * 127.5).
+8-bit PNG/GIF written by PIL, a pixel x stored as round((x + 1) * 127.5). The walks refuse
+what is not finite (`require_finite`) before anything of it can be written.
 """
 import math
 import os
@@ -12,6 +13,21 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 import files
+from errors import UserError
+
+
+class NonFiniteSamples(UserError, ArithmeticError):
+    """Samples with NaN or inf values: never written and never scored. A PNG or .npz would
+    hold them as black pixels (NaN rounds to 0), which looks like a result."""
+
+
+def require_finite(images, what, consequence):
+    """Raise NonFiniteSamples, one line naming `what` and `consequence`, unless every image of
+    `images` (N, ...) is finite; one read of the device."""
+    bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+    if bad:
+        raise NonFiniteSamples(f"{what}: {bad} of {len(images)} samples contain NaN or inf values, so "
+                               f"{consequence} (NaN weights, or a diverged model?)")
 
 
 def enlarge(images, min_size=32):
@@ -54,8 +70,11 @@ def progressive_samples(sampler, net, x_T, every=50, generator=None):
             x_ts.append(record.x_t)
             pred_xstarts.append(record.x0_hat)
             timesteps.append(record.t)
-    return {"samples": record.x_prev.clamp(-1.0, 1.0), "x_t": torch.stack(x_ts, 1),
-            "pred_xstart": torch.stack(pred_xstarts, 1), "timesteps": torch.tensor(timesteps)}
+    progressive = {"samples": record.x_prev.clamp(-1.0, 1.0), "x_t": torch.stack(x_ts, 1),
+                   "pred_xstart": torch.stack(pred_xstarts, 1), "timesteps": torch.tensor(timesteps)}
+    require_finite(torch.cat([progressive[name].flatten(1) for name in ("samples", "x_t", "pred_xstart")], 1),
+                   "progressive sampling", "no strip or GIF was written")
+    return progressive
 
 
 def save_progressive(progressive, logdir, prefix="progressive", frame_ms=100):
@@ -103,7 +122,9 @@ def interpolate(sampler, net, x0_a, x0_b, t, lambdas, generator=None):
         if generator is not None:
             generator.set_state(state)
         mixed.append(sampler.denoise(net, (1.0 - lam) * x_t_a + lam * x_t_b, t, generator))
-    return torch.stack(mixed, 1)
+    mixed = torch.stack(mixed, 1)
+    require_finite(mixed, f"the interpolation at t = {t}", "its grid was not written")
+    return mixed
 
 
 def save_interpolation(path, x0_a, x0_b, mixed):

@@ -1,12 +1,12 @@
-"""Stop signals. SIGINT and SIGTERM (Ctrl-C, a scheduler's preemption) end a command with
-exit status 128 + the signal's number, as a shell reports a process killed by it, so that
+"""Stop signals. SIGINT, SIGTERM and SIGHUP (Ctrl-C, a scheduler's preemption, a closed
+terminal or ssh session) end a command with exit status 128 + the signal's number, as a shell reports a process killed by it, so that
 schedulers and scripts see the stop. The training loop checkpoints first (StopRequest);
 anywhere else the command ends at once (Stopped).
 """
 import signal
 import sys
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Stopped(BaseException):
@@ -44,7 +44,7 @@ def name(signum):
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a number the training loop checks (the signal's, 0 for none),
+    """Turns a stop signal into a number the training loop checks (the signal's, 0 for none),
     so that it can checkpoint before exiting; the previous handlers come back on close()."""
 
     def __init__(self):

@@ -27,7 +27,7 @@ from batches import GlobalBatchSampler, device_batches, loader_batches
 from builders import build_model, build_sampler, build_trainer
 from diffusion import ImportanceSampler
 from errors import UserError
-from reports import grid
+from reports import grid, require_finite
 from streams import SAMPLE_NOISE, X_T, generator, rng_state, set_rng_state, step_draws, stream_seed
 
 
@@ -143,7 +143,7 @@ class TrainState:
         checkpoint.load_weights(self.ema, saved["ema_model"], path)
         restore_schedule(self.optimizer, self.scheduler, saved["optim"], saved["sched"], training.lr,
                          training.warmup, path)
-        self.step, self.x_T = int(saved["step"]), saved["x_T"]
+        self.step, self.x_T = step_of(saved["step"], path), saved["x_T"]
         # a run that sampled t uniformly until now starts the history afresh
         if self.t_sampler is not None and "t_history" in saved:
             try:
@@ -153,6 +153,17 @@ class TrainState:
                                                  f"({type(error).__name__}: {error})") from None
         if len(saved.get("rng", [])) == world_size:
             set_rng_state(saved["rng"][rank])
+
+
+def step_of(value, path):
+    """A checkpoint's step as an int >= 0 (a Python int, or the one-element integer tensor some
+    writers store); else one line: every later count (the data order, the schedule) starts there."""
+    if torch.is_tensor(value) and value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise checkpoint.CheckpointError(f"checkpoint {path}: its step {value!r} is not a number of optimizer "
+                                         "steps >= 0")
+    return value
 
 
 def initial_state(config, fast, device, path, rank, world_size):
@@ -299,6 +310,7 @@ class Logs:
             self.writer.add_scalar("lr", lr, step)
 
     def sample_grid(self, images, step):
+        require_finite(images, f"the sample grid of step {step}", "it was not written")
         files.save_png(grid(images), os.path.join(self.logdir, "sample", f"{step}.png"))
         self.writer.add_image("sample", grid(images), step)
 
@@ -329,6 +341,11 @@ def train(config, device_type):
                                  flip=False, channels=config.model.img_channels)
     ckpt_path = os.path.join(logdir, "ckpt.pt")
     state = initial_state(config, fast, device, ckpt_path, rank, world_size)
+    if state.step >= training.total_steps:  # a resumed run that is done: nothing to train or write
+        if is_main:
+            print(f"nothing to train: {ckpt_path} is at step {state.step}, and --total_steps is "
+                  f"{training.total_steps}; nothing was written (raise --total_steps to train on)")
+        return 0
     saved_step = state.step if config.actions.resume else None
     ddp_net = DistributedDataParallel(state.net) if world_size > 1 else state.net
     trainer = build_trainer(speed.wrap(ddp_net, fast), config.diffusion, config.training).to(device)

@@ -9,10 +9,18 @@ inception.py: the FID Inception network.  digits.py: the offline digits classifi
 scorer.py: the Evaluator and image I/O.  fid_cache.py: the statistics CLI.
 download.py: fetch the Inception weights once.
 """
-from .scorer import Evaluator, default_feature, load_images, save_images
-from .metrics import (ScoreError, frechet_distance, gather, inception_score, load_statistics,
-                      quantize, save_statistics, statistics)
+import importlib
 
-__all__ = ["Evaluator", "ScoreError", "default_feature", "frechet_distance", "gather", "inception_score",
-           "load_images", "load_statistics", "quantize", "save_images", "save_statistics",
-           "statistics"]
+# Loaded on first use, so that `python -m score.fid_cache` can answer a stop signal with one
+# line before torch loads (running a package's module imports the package first).
+EXPORTS = {"Evaluator": "scorer", "default_feature": "scorer", "load_images": "scorer", "save_images": "scorer",
+           "ScoreError": "metrics", "frechet_distance": "metrics", "gather": "metrics",
+           "inception_score": "metrics", "load_statistics": "metrics", "quantize": "metrics",
+           "save_statistics": "metrics", "statistics": "metrics"}
+__all__ = sorted(EXPORTS)
+
+
+def __getattr__(name):
+    if name not in EXPORTS:
+        raise AttributeError(f"module 'score' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{EXPORTS[name]}", __name__), name)

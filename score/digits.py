@@ -78,7 +78,8 @@ def load_classifier(path=CLASSIFIER):
     stale or unreadable (a cache: retraining gives the same weights)."""
     if os.path.isfile(path):
         try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
+            with files.open_regular(path) as file:
+                cached = torch.load(file, map_location="cpu", weights_only=True)
             if cached["recipe"] == RECIPE:
                 net = DigitsNet(RECIPE["features"])
                 net.load_state_dict(cached["state_dict"])

@@ -10,6 +10,11 @@ FID Inception), without random flips; the output is the format pytorch_gan_metri
 import argparse
 import sys
 
+import signals
+
+if __name__ == "__main__":  # a stop while the modules load, or later: one line, not a traceback
+    signals.exit_at_once()
+
 import torch
 from tqdm import tqdm
 

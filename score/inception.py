@@ -14,6 +14,7 @@ from pytorch_gan_metrics.inception import (FID_WEIGHTS_URL, FIDInceptionA, FIDIn
 from torch import nn
 from torchvision import models
 
+import files
 from .metrics import ScoreError
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -65,7 +66,8 @@ class FIDInception(nn.Module):
         super().__init__()
         net = fid_inception_v3()
         try:
-            net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+            with files.open_regular(weights_path) as file:
+                net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
         except Exception as error:  # truncated download, wrong file, ...
             raise ScoreError(f"could not load the FID Inception weights {weights_path} ({error}); "
                              f"expected {WEIGHTS_FILE} from {FID_WEIGHTS_URL}") from None

@@ -105,11 +105,13 @@ def save_statistics(path, mu, sigma):
 
 def load_statistics(path, create_command):
     """(mu, sigma) as float64 CPU tensors; create_command goes into the error if path is absent."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ScoreError(f"FID statistics {path} not found; create them with: {create_command}")
     try:
-        with np.load(path) as stats:
+        with files.open_regular(path) as file, np.load(file, allow_pickle=False) as stats:
             mu, sigma = stats["mu"], stats["sigma"]
+    except files.NotARegularFile as error:
+        raise ScoreError(f"FID statistics: {error}; create them with: {create_command}") from None
     except (OSError, ValueError, KeyError) as error:
         raise ScoreError(f"FID statistics {path} are unreadable ({error}); recreate them with: "
                          f"{create_command}") from None

@@ -139,7 +139,7 @@ def load_images(path):
     save_images, as float (N, C, H, W) in [0, 1]. Image files are read as RGB."""
     if os.path.isfile(path) and path.endswith(".npz"):
         try:
-            with np.load(path) as stored:
+            with files.open_regular(path) as file, np.load(file, allow_pickle=False) as stored:
                 array = stored["arr_0"]
         except (OSError, ValueError, KeyError) as error:
             raise ScoreError(f"{path}: not an .npz of images under 'arr_0' ({error})") from None
@@ -157,9 +157,9 @@ def load_images(path):
     arrays = []
     for file in paths:
         try:
-            with Image.open(file) as image:
-                arrays.append(np.asarray(image.convert("RGB")))
-        except OSError as error:
+            with files.open_regular(file) as opened, Image.open(opened) as image:
+                arrays.append(np.asarray(data.to_8_bits(image).convert("RGB")))
+        except (OSError, ValueError) as error:  # not a regular file (a FIFO named x.png), pixels of no known range
             raise ScoreError(f"cannot read image {file}: {error}") from None
         if arrays[-1].shape != arrays[0].shape:
             raise ScoreError(f"{file} is {arrays[-1].shape[:2]} but {paths[0]} is "

@@ -25,6 +25,7 @@ from diffusion import GaussianDiffusionSampler, beta_schedule
 from score import Evaluator
 from score.metrics import to_uint8
 from test_main import ROOT, TINY, run_main
+from test_untrusted_files import outcome_within
 
 NUM_IMAGES, BATCH = 48, 4
 EVAL = ["--notrain", "--eval", "--num_images", str(NUM_IMAGES), "--eval_batch_size", str(BATCH)]
@@ -371,6 +372,82 @@ def test_malformed_finished_batches_are_drawn_again_to_the_uninterrupted_results
     with np.load(npz) as stored:
         np.testing.assert_array_equal(stored["arr_0"], to_uint8(images).permute(0, 2, 3, 1).numpy())
     assert os.listdir(os.path.join(logdir, "eval_state")) == ["mine"]
+
+
+@pytest.mark.slow
+def test_entries_the_store_did_not_write_are_never_read_as_batches(trained, tmp_path, monkeypatch, capsys):
+    """An evaluation killed after 4 of its 6 batches, then: batch 0 a symlink to a copy of batch
+    1 kept outside the store (used as batch 0 until now: FID 696.47 against 688.37, recorded as
+    a normal run), batch 1 a FIFO (a read blocked for ever), batch 2 an empty folder (a
+    traceback). Each is one note and drawn again; the scores are the all-at-once path's, and
+    the file the link pointed to is untouched. Catches a store that follows links or opens
+    what is not a regular file."""
+    logdir = copy_run(trained, str(tmp_path / "run"))
+    folder = killed_after(monkeypatch, 4, logdir, 24)
+    path = [os.path.join(folder, f"batch_{i:06d}.pt") for i in range(4)]
+    outside = tmp_path / "elsewhere.pt"
+    outside.write_bytes(open(path[1], "rb").read())
+    copied = outside.read_bytes()
+    for i in range(3):
+        os.remove(path[i])
+    os.symlink(outside, path[0])
+    os.mkfifo(path[1])
+    os.mkdir(path[2])
+    capsys.readouterr()
+    evaluate_here(logdir, 24)
+    redrawn = notes(capsys, "is unreadable or malformed")
+    for i, why in enumerate(["is a symbolic link", "is a FIFO (named pipe)", "is a folder"]):
+        assert redrawn[i].startswith(f"note: {path[i]} is unreadable or malformed (") and why in redrawn[i]
+    assert len(redrawn) == 3
+    expected, _ = all_at_once(trained, num_images=24)
+    for name in ("FID", "IS", "IS_std"):
+        assert last_record(logdir)[name] == pytest.approx(expected[name], rel=1e-6), name
+    assert outside.read_bytes() == copied  # the link was removed, never what it points to
+
+
+def test_finished_batches_are_found_in_one_listing_of_the_store(tmp_path):
+    """--num_images 10^12 sat minutes checking 4 billion batch names one by one: the store lists
+    its folder once, so that its finished batches of a huge range are found at once."""
+    layout = {"grid": (torch.uint8, (1, 1, 2, 2))}
+    store = evaluate.BatchStore(str(tmp_path), {"huge": True}, lambda i: layout)
+    for i in (0, 7):
+        store.save(i, {"grid": torch.zeros((1, 1, 2, 2), dtype=torch.uint8)})
+    found = {}
+    assert outcome_within(lambda: found.update(all=store.finished(range(10 ** 12)),
+                                               later=store.finished(range(1, 10 ** 12))), seconds=10) is None
+    assert found == {"all": {0, 7}, "later": {7}}
+
+
+@pytest.mark.slow
+def test_a_new_checkpoint_between_an_interrupted_and_a_resumed_eval_draws_every_batch_again(
+        trained, tmp_path, monkeypatch, capsys):
+    """The README's promise: training went on (or --resume wrote a new ckpt.pt) between an
+    interrupted --eval and its rerun, so the rerun's samples come from the new weights only.
+    Its scores equal a fresh evaluation of the new checkpoint in another logdir, and the old
+    store is kept and listed, not taken up. Catches a store key that ignores the checkpoint."""
+    logdir = copy_run(trained, str(tmp_path / "run"))
+    old_store = killed_after(monkeypatch, 3, logdir, 24)
+    state = torch.load(os.path.join(logdir, "ckpt.pt"), weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    state["ema_model"] = {name: tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
+                          if tensor.is_floating_point() else tensor for name, tensor in state["ema_model"].items()}
+    state["step"] += 1
+    fresh = copy_run(trained, str(tmp_path / "fresh"))
+    for folder in (logdir, fresh):
+        torch.save(state, os.path.join(folder, "ckpt.pt"))
+    capsys.readouterr()
+    evaluate_here(logdir, 24)
+    stderr = capsys.readouterr().err
+    assert "finished by an earlier run" not in stderr
+    assert f"1 other unfinished evaluation(s) kept in {logdir}/eval_state ({os.path.basename(old_store)}: 3 batches" \
+        in stderr
+    evaluate_here(fresh, 24)
+    resumed, expected = last_record(logdir), last_record(fresh)
+    assert resumed["checkpoint_sha256"] == expected["checkpoint_sha256"] and resumed["checkpoint_step"] == 4
+    for name in ("FID", "IS", "IS_std"):
+        assert resumed[name] == expected[name], name
+    old, _ = all_at_once(trained, num_images=24)
+    assert abs(old["FID"] - expected["FID"]) > 1e-3  # the new weights do sample differently
 
 
 @pytest.mark.parametrize("when", ["before", "after"])

@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import distributed
 from test_main import ROOT, TINY, assert_same_updates, weights
@@ -117,20 +119,29 @@ def kill_what_was_started(marker, processes):
         process.wait(timeout=60)
 
 
+def end_times(nodes, started, limit_s=120):
+    """{node's index: when its agent ended}, for those that ended within limit_s of started."""
+    ended = {}
+    while len(ended) < len(nodes) and time.time() - started < limit_s:
+        for i, node in enumerate(nodes):
+            if i not in ended and node.poll() is not None:
+                ended[i] = time.time()
+        time.sleep(0.1)
+    return ended
+
+
 def test_a_node_that_fails_at_start_up_ends_the_other(tmp_path):
     """Without the start-up exchange the healthy node would wait in init_process_group for the
-    other until the 30-minute timeout."""
-    logdir, missing = str(tmp_path / "run"), str(tmp_path / "no_such_folder")
+    other until the 30-minute timeout. Each node names its own --data_root, which may differ."""
+    logdir, missing, images = str(tmp_path / "run"), str(tmp_path / "no_such_folder"), tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / "0.png")
     nodes = start_nodes("--train", "--logdir", logdir, "--total_steps", "2", "--sample_step", "0",
-                        node_args=((), ("--dataset", "folder", "--data_root", missing)))
+                        "--dataset", "folder",
+                        node_args=(("--data_root", str(images)), ("--data_root", missing)))
     started = time.time()
     try:
-        ended = {}  # node -> when its agent ended
-        while len(ended) < 2 and time.time() - started < 120:
-            for i, node in enumerate(nodes):
-                if i not in ended and node.poll() is not None:
-                    ended[i] = time.time()
-            time.sleep(0.1)
+        ended = end_times(nodes, started)
         healthy, failing = finish(nodes, timeout=1)
     finally:
         kill_what_was_started(logdir, nodes)
@@ -143,6 +154,45 @@ def test_a_node_that_fails_at_start_up_ends_the_other(tmp_path):
     assert len(errors) == 1 and re.fullmatch(rf"error: rank [01] failed at start-up: {re.escape(cause)}",
                                              errors[0]), healthy[1][-3000:]
     assert not os.path.exists(logdir)  # rank 0 took back what its start-up made, on either node
+
+
+def test_nodes_started_with_different_flags_end_before_anything_is_written(tmp_path):
+    """Without the comparison another --seed trains apart under rank 0's flagfile.txt, and
+    another --T ends in a Gloo collective mismatch. The logdir is there already, so that a
+    rank 0 that wrote before every rank agreed would leave its lock file (take_back removes
+    the logdir only where it made it)."""
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    nodes = start_nodes("--train", "--logdir", str(logdir), "--total_steps", "2", "--sample_step", "0",
+                        node_args=((), ("--noscore", "--T", "30", "--seed", "1")))
+    started = time.time()
+    try:
+        ended = end_times(nodes, started)
+        results = finish(nodes, timeout=1)
+    finally:
+        kill_what_was_started(str(logdir), nodes)
+    print(f"agents ended {ended[0] - started:.1f} s and {ended[1] - started:.1f} s after start")
+    assert abs(ended[0] - ended[1]) < 30
+    # the rendezvous decides which node is rank 0; rank 1 compares, in --help order
+    plain, other = ("true", "20", "0"), ("false", "30", "1")
+
+    def cause(first, second):
+        return ("the processes of this job were started with different flags: "
+                + "; ".join(f"--{name} {a} on rank 0, {b} on rank 1"
+                            for name, a, b in zip(("score", "T", "seed"), first, second))
+                + ": start every node with the same command")
+
+    lines = []
+    for status, stderr in results:
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert status != 0 and len(errors) == 1, stderr[-3000:]
+        # torchrun's agent reports its worker's exit with a traceback of its own, in torch
+        assert f'File "{ROOT}' not in stderr and "Fatal Python error" not in stderr, stderr[-3000:]
+        lines += errors
+    assert sorted(lines) in (sorted([f"error: {cause(first, second)}",
+                                     f"error: rank 1 failed at start-up: {cause(first, second)}"])
+                             for first, second in ((plain, other), (other, plain))), lines
+    assert os.listdir(logdir) == []
 
 
 def start_alone(rank, logdir, timeout_s=None):

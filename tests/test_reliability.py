@@ -1,6 +1,7 @@
 """Reliability and security (issue 10): an untrusted checkpoint runs no code, a bad value never
 trains silently, NaN never becomes a score, a full disk or a killed parent loses nothing, a
 stop signal stops the whole command. Tiny digits runs on the CPU, as in test_main.py."""
+import glob
 import json
 import os
 import random
@@ -16,10 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
+import builders
 import checkpoint
 import evaluate
 import files
 import main
+import memory
+import speed
 import streams
 import train
 from score import Evaluator, ScoreError, load_images
@@ -451,15 +455,41 @@ def catches(pid, signum):
     return bool(int(mask, 16) >> (signum - 1) & 1)
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process's signal handlers from /proc")
-def test_ctrl_c_while_main_py_loads_is_one_line(tmp_path):
-    """SIGINT as soon as main.py handles SIGTERM (its first lines), while torch still loads."""
-    logdir = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "main.py", *TINY, "--train", "--logdir", str(logdir)], cwd=ROOT,
-                               stderr=subprocess.PIPE, text=True)
+LOADING_COMMANDS = {  # how each command is run, its logdir (where it has one) as {logdir}
+    "main.py": "runpy.run_path('main.py', run_name='__main__')",
+    "convert.py": "runpy.run_path('convert.py', run_name='__main__')",
+    "score.fid_cache": "runpy.run_module('score.fid_cache', run_name='__main__', alter_sys=True)",
+}
+LOADING_ARGS = {
+    "main.py": [*TINY, "--train", "--logdir", "{logdir}"],
+    "convert.py": ["google/ddpm-cifar10-32", "--logdir", "{logdir}"],
+    "score.fid_cache": ["--dataset", "digits", "--output", "{logdir}/stats.npz"],
+}
+# torch's import held up (a marker file says when), so that the signal surely comes while it loads
+STALLED_TORCH = """
+import importlib.abc, pathlib, runpy, sys, time
+MARKER = pathlib.Path(sys.argv[1])
+class Stall(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            MARKER.touch()
+            time.sleep(60)
+sys.meta_path.insert(0, Stall())
+sys.argv = sys.argv[2:]
+"""
+
+
+@pytest.mark.parametrize("command", list(LOADING_COMMANDS))
+def test_ctrl_c_while_a_command_loads_is_one_line(tmp_path, command):
+    """SIGINT while torch loads: one line and exit 130, from main.py, convert.py and python -m
+    score.fid_cache alike (a KeyboardInterrupt traceback in the last two until now)."""
+    logdir, marker = tmp_path / "run", tmp_path / "loading"
+    args = [arg.format(logdir=logdir) for arg in LOADING_ARGS[command]]
+    process = subprocess.Popen([sys.executable, "-c", STALLED_TORCH + LOADING_COMMANDS[command], str(marker),
+                                command, *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while process.poll() is None and not catches(process.pid, signal.SIGTERM) and time.time() < deadline:
-        time.sleep(0.005)
+    while process.poll() is None and not marker.exists() and time.time() < deadline:
+        time.sleep(0.01)
     process.send_signal(signal.SIGINT)
     stderr = process.communicate(timeout=60)[1]
     assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
@@ -521,3 +551,133 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
     for pid in left:  # do not leave them to the next test
         os.kill(pid, signal.SIGKILL)
     assert not left, "workers outlived their parent"
+
+
+# ---------------------------------------------------------------- sizes, steps, signals (issue 24)
+
+
+def in_process_config(tmp_path, **values):
+    """TINY's configuration, made in this process (main.configuration), with values on top."""
+    args = [f"--{name}={value}" if not isinstance(value, bool) else f"--{'' if value else 'no'}{name}"
+            for name, value in values.items()]
+    return main.configuration(["main.py", *TINY, "--logdir", str(tmp_path / "run"), *args])
+
+
+GB = 2 ** 30
+
+
+@pytest.mark.parametrize("values,needs,machine", [
+    (dict(T=10 ** 8, train=True), "--T 100,000,000 needs at least 38.0 GB for the schedule alone", 16 * GB),
+    # a schedule small enough to build here, were it not measured first
+    (dict(T=10 ** 6, train=True), "--T 1,000,000 needs at least 389.1 MB for the schedule alone", GB // 16),
+    (dict(ch=3_200_000, train=True), "training a UNet of --ch 3200000", 16 * GB),
+    (dict(ch_mult=10_000, attn=0, train=True), "--ch_mult 1,2,10000", 16 * GB),  # added to TINY's levels
+    (dict(img_size=2 ** 20, train=True), "--img_size 1048576", 16 * GB),
+    (dict(num_images=10 ** 12, eval=True), "scoring --num_images 1,000,000,000,000 needs at least 538.4 TB",
+     16 * GB),
+])
+def test_sizes_that_cannot_fit_are_one_line_with_the_bytes_before_anything_is_built(
+        tmp_path, monkeypatch, values, needs, machine):
+    """--T 10^8, --ch 3.2M, --ch_mult 10000, --img_size 2^20 ended in allocator tracebacks
+    (the configuration built a 10^8-step schedule several times); --num_images 10^12 sat for
+    minutes. On a machine of 16 GB (1 GB / 16 for a schedule this test can afford to build)
+    each is one line with the bytes needed, within seconds, and no logdir is made."""
+    monkeypatch.setattr(memory, "host_memory", lambda: machine)
+    started = time.monotonic()
+    with pytest.raises(memory.OutOfMemory) as refused:
+        run_config = in_process_config(tmp_path, **values)
+        if run_config.actions.eval:  # a checkpoint to evaluate
+            open(os.path.join(tmp_path, "ckpt.pt"), "w").close()
+        main.validate(run_config.replace(logdir=str(tmp_path)), 1, "cpu")
+    assert needs in str(refused.value) and files.readable(machine) in str(refused.value)
+    assert time.monotonic() - started < 30 and not os.path.exists(tmp_path / "run")
+    assert sorted(os.listdir(tmp_path)) == (["ckpt.pt"] if values.get("eval") else [])
+
+
+def test_the_memory_estimate_is_a_lower_bound_of_the_network_built(tmp_path):
+    """The meta-device count is the built network's bytes exactly, and the estimate of a run
+    (weights, Adam, EMA, one feature map) lies below what training the paper's CIFAR10
+    network holds, and lets it through: refusing it would be a false alarm."""
+    cifar = main.configuration(["main.py", "--flagfile", os.path.join(ROOT, "config", "cifar10_unet_example.cfg"),
+                                "--train", "--logdir", str(tmp_path / "run")])
+    for run_config in (in_process_config(tmp_path), cifar):
+        built = builders.build_model(run_config.model, run_config.diffusion)
+        exact = sum(tensor.numel() * tensor.element_size() for tensor in built.state_dict().values())
+        assert memory.network_bytes(run_config.model, run_config.diffusion) == exact
+    ((needed, what),) = memory.needed(cifar.replace(sample_step=0, eval_step=0), world_size=1)
+    parameters = sum(p.numel() for p in builders.build_model(cifar.model, cifar.diffusion).parameters())
+    assert what.startswith("training") and 5 * 4 * parameters < needed < 2 ** 30  # 35.7M parameters
+
+
+def fresh_checkpoint(run_config, path, step):
+    """The checkpoint a run at `step` would save: a fresh TrainState with that step."""
+    fast = speed.resolve(run_config.fast, "cpu", 1)
+    state = train.initial_state(run_config.replace(resume=False), fast, torch.device("cpu"), path, 0, 1)
+    state.step = step
+    checkpoint.save(path, state.to_checkpoint([streams.rng_state()], 1))
+
+
+@pytest.mark.parametrize("step", [-3, 2.5, True, torch.tensor(-1), "7"])
+def test_a_checkpoint_whose_step_is_no_count_of_steps_is_one_line(tmp_path, step):
+    """A negative step was a numpy traceback on --resume; any step but an int >= 0 (a Python
+    int or an integer tensor of one element) is one line naming it."""
+    run_config = in_process_config(tmp_path, train=True)
+    path = str(tmp_path / "ckpt.pt")
+    fresh_checkpoint(run_config, path, 0)
+    state = checkpoint.load(path)
+    state["step"] = step
+    torch.save(state, path)
+    resume = run_config.replace(resume=True)
+    fast = speed.resolve(resume.fast, "cpu", 1)
+    with pytest.raises(checkpoint.CheckpointError, match="its step .* is not a number of optimizer steps >= 0"):
+        train.initial_state(resume, fast, torch.device("cpu"), path, 0, 1)
+    state["step"] = torch.tensor(4)
+    torch.save(state, path)
+    assert train.initial_state(resume, fast, torch.device("cpu"), path, 0, 1).step == 4
+
+
+def test_a_resume_already_past_total_steps_trains_and_writes_nothing(tmp_path, capsys):
+    """It said "wrote ckpt.pt (step N)" of a checkpoint it did not write: now it says there is
+    nothing to train, and the logdir is as it was (no checkpoint rewritten, no TensorBoard file)."""
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    run_config = in_process_config(tmp_path, train=True, resume=True, total_steps=3, sample_step=0)
+    fresh_checkpoint(run_config, str(logdir / "ckpt.pt"), 5)
+    before = {name: (logdir / name).read_bytes() for name in os.listdir(logdir)}
+    assert train.train(run_config, "cpu") == 0
+    out = capsys.readouterr().out
+    assert f"nothing to train: {logdir}/ckpt.pt is at step 5, and --total_steps is 3; nothing was written" in out
+    assert "wrote" not in out
+    assert {name: (logdir / name).read_bytes() for name in os.listdir(logdir)} == before
+
+
+@pytest.mark.parametrize("target,message", [
+    ("samples", "exists and is not a folder"), ("samples.npz", "is a folder")])
+def test_save_samples_onto_what_cannot_hold_them_is_one_line_before_sampling(tmp_path, target, message):
+    """--save_samples onto an existing file that is not an .npz was a FileExistsError traceback
+    after all the sampling: checked first."""
+    path = tmp_path / target
+    (path.mkdir if target.endswith(".npz") else path.write_text)(*(() if target.endswith(".npz") else ("x",)))
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    (logdir / "ckpt.pt").write_bytes(b"")
+    run_config = in_process_config(tmp_path, eval=True, save_samples=str(path), noscore=True)
+    with pytest.raises(main.ConfigError, match=f"--save_samples {path} {message}"):
+        main.validate(run_config, 1, "cpu")
+
+
+def test_sighup_saves_a_checkpoint_as_sigterm_does(tmp_path):
+    """A closed terminal or ssh session (SIGHUP) ended a training run without a checkpoint."""
+    logdir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "main.py", *TINY, "--train", "--logdir", str(logdir),
+                                "--total_steps", "100000", "--save_step", "100000", "--sample_step", "0"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not glob.glob(str(logdir / "events.out.tfevents.*")) and time.time() < deadline:
+        time.sleep(0.2)  # the TensorBoard file appears just before the first step
+    time.sleep(1)
+    process.send_signal(signal.SIGHUP)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGHUP, stderr[-3000:]
+    assert "stopped by SIGHUP" in stdout and "Traceback" not in stderr
+    assert 1 <= load(str(logdir))["step"] < 100000

@@ -283,7 +283,7 @@ def test_bad_sampler_arguments_raise():
             make(sampler="ddim", sample_steps=steps)
     with pytest.raises(ValueError, match="at least 2 timesteps"):
         make(sample_steps=1)
-    assert make(sampler="ddim", sample_steps=1).timesteps == [0]
+    assert make(sampler="ddim", sample_steps=1).timesteps == [T - 1]  # the one step starts from noise
     with pytest.raises(ValueError, match="eta"):
         make(sampler="ddim", eta=1.5)
     with pytest.raises(ValueError, match="eta"):
