@@ -183,8 +183,9 @@ def test_existing_checkpoint_needs_resume(tmp_path):
     assert "does not fit the flags" in mismatched.stderr and "Traceback" not in mismatched.stderr
 
 
-def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
-    logdir = tmp_path / "run"
+def stopped_training(logdir, signum):
+    """(exit status, stdout, stderr) of a long --train --eval that got signum a moment after
+    its first step."""
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "main.py"), *TINY, "--train", "--eval", "--logdir", str(logdir),
          "--total_steps", "100000", "--save_step", "100000", "--sample_step", "0"],
@@ -193,10 +194,16 @@ def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
     while not glob.glob(str(logdir / "events.out.tfevents.*")) and time.time() < deadline:
         time.sleep(0.2)  # the TensorBoard file appears just before the first step
     time.sleep(2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, stdout, stderr
+
+
+def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
+    logdir = tmp_path / "run"
+    returncode, stdout, stderr = stopped_training(logdir, signal.SIGTERM)
     # 128 + SIGTERM, as a shell reports a killed process: the command did not finish
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "stopped by SIGTERM" in stdout and "Traceback" not in stderr
     assert not os.path.exists(logdir / "samples_ema.png")  # --eval did not start
     state = weights(str(logdir))

@@ -1,7 +1,6 @@
 """Reliability and security (issue 10): an untrusted checkpoint runs no code, a bad value never
 trains silently, NaN never becomes a score, a full disk or a killed parent loses nothing, a
 stop signal stops the whole command. Tiny digits runs on the CPU, as in test_main.py."""
-import glob
 import json
 import os
 import random
@@ -10,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import numpy as np
 import pytest
@@ -28,7 +26,7 @@ import streams
 import train
 from score import Evaluator, ScoreError, load_images
 from score.scorer import small_sample_warning
-from test_main import ROOT, TINY
+from test_main import ROOT, TINY, stopped_training
 
 
 def run_main(*args, prelude=""):
@@ -669,15 +667,8 @@ def test_save_samples_onto_what_cannot_hold_them_is_one_line_before_sampling(tmp
 def test_sighup_saves_a_checkpoint_as_sigterm_does(tmp_path):
     """A closed terminal or ssh session (SIGHUP) ended a training run without a checkpoint."""
     logdir = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "main.py", *TINY, "--train", "--logdir", str(logdir),
-                                "--total_steps", "100000", "--save_step", "100000", "--sample_step", "0"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not glob.glob(str(logdir / "events.out.tfevents.*")) and time.time() < deadline:
-        time.sleep(0.2)  # the TensorBoard file appears just before the first step
-    time.sleep(1)
-    process.send_signal(signal.SIGHUP)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGHUP, stderr[-3000:]
+    returncode, stdout, stderr = stopped_training(logdir, signal.SIGHUP)
+    assert returncode == 128 + signal.SIGHUP, stderr[-3000:]
     assert "stopped by SIGHUP" in stdout and "Traceback" not in stderr
+    assert not os.path.exists(logdir / "samples_ema.png")  # --eval did not start
     assert 1 <= load(str(logdir))["step"] < 100000

@@ -22,7 +22,7 @@ import reports
 import train
 from builders import build_model, build_sampler, build_trainer
 from config import Config, ConfigError
-from diffusion import (AncestralStep, GaussianDiffusion, GaussianDiffusionSampler, SAMPLERS, SKIP_TYPES,
+from diffusion import (AncestralStep, GaussianDiffusionSampler, SAMPLERS, SKIP_TYPES,
                        SOLVER_DEFAULT_ORDERS, beta_schedule, sample_timesteps, singlestep_orders)
 from reports import NonFiniteSamples
 
