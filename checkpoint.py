@@ -94,8 +94,8 @@ def load_hashed(path, required=()):
 
 
 def refusal_detail(error):
-    """What torch's weights_only refusal found, without its advice to load the file with
-    weights_only=False, which would run whatever code the file holds."""
+    """What torch's weights_only refusal found, without its advice to load the file unsafely
+    (with the pickle's code allowed to run)."""
     text = str(error)
     if "WeightsUnpickler error:" in text:
         return text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0]

@@ -146,6 +146,12 @@ def split_learned_variance(model_output, x_t):
     return model_output.chunk(2, dim=1)
 
 
+def usable_steps(alphas_bar):
+    """T': how many leading timesteps have abar_t > 0 (abar is non-increasing), the only ones
+    a sampler may visit: T for every schedule but jsd, whose last abar is 0."""
+    return int((torch.as_tensor(alphas_bar) > 0).sum())
+
+
 def sample_timesteps(alphas_bar, steps, skip_type):
     """The timesteps a fast sampler visits, one network evaluation each, ascending.
 
@@ -179,7 +185,7 @@ def sample_timesteps(alphas_bar, steps, skip_type):
     """
     T = len(alphas_bar)
     abar = np.asarray(alphas_bar, dtype=np.float64)
-    usable = int(np.count_nonzero(abar > 0))  # abar is non-increasing: the leading ones
+    usable = usable_steps(abar)
     if usable == 0:
         raise ValueError("abar_t = 0 at every timestep (jsd with T = 1): x_t keeps nothing of x_0 "
                          "at any t, so there is no timestep to sample from; use T >= 2")
@@ -655,7 +661,7 @@ def ddpm_step(betas, timesteps, mean_type, var_type, clip_denoised, eta):
     with abar_t > 0, `sample_timesteps`), the respaced chain otherwise."""
     if eta != 0.0:
         raise ValueError("eta is the noise scale of sampler 'ddim'; sampler 'ddpm' takes none")
-    usable = int((torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), 0) > 0).sum())
+    usable = usable_steps(torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), 0))
     strided = timesteps != list(range(usable))
     if strided and var_type == "learned":
         raise ValueError("var_type 'learned' is the variance of one original step: sample it with "

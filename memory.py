@@ -13,6 +13,7 @@ import builders
 import data
 from errors import UserError
 from files import readable
+from score.scorer import default_feature
 
 # The schedule's float64 buffers (13 in GaussianDiffusion), the temporaries that make them,
 # and a sampler's kept timesteps as a Python list (36 bytes an item): per diffusion step, for
@@ -88,7 +89,7 @@ def needed(config, world_size):
         sampling = weights + 2 * activation_bytes(config.model, scoring.eval_batch_size)
         what = f"sampling {shape} in batches of {scoring.eval_batch_size:,}"
         if actions.eval and actions.score and not actions.eval_dir:
-            feature = scoring.fid_feature or ("digits" if config.data.dataset == "digits" else "inception")
+            feature = scoring.fid_feature or default_feature(config.data.dataset)
             sampling += scoring.num_images * SCORED_WIDTHS[feature] * 8
             what += f" and scoring --num_images {scoring.num_images:,}"
         parts.append((sampling, what))

@@ -183,9 +183,11 @@ def test_existing_checkpoint_needs_resume(tmp_path):
     assert "does not fit the flags" in mismatched.stderr and "Traceback" not in mismatched.stderr
 
 
-def stopped_training(logdir, signum):
-    """(exit status, stdout, stderr) of a long --train --eval that got signum a moment after
-    its first step."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_saves_a_checkpoint_to_resume_from(tmp_path, signum):
+    """A scheduler's preemption (SIGTERM) or a closed terminal or ssh session (SIGHUP, which
+    ended training without a checkpoint until now), a moment after the first step."""
+    logdir = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "main.py"), *TINY, "--train", "--eval", "--logdir", str(logdir),
          "--total_steps", "100000", "--save_step", "100000", "--sample_step", "0"],
@@ -196,15 +198,9 @@ def stopped_training(logdir, signum):
     time.sleep(2)
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
-    return process.returncode, stdout, stderr
-
-
-def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path):
-    logdir = tmp_path / "run"
-    returncode, stdout, stderr = stopped_training(logdir, signal.SIGTERM)
-    # 128 + SIGTERM, as a shell reports a killed process: the command did not finish
-    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "stopped by SIGTERM" in stdout and "Traceback" not in stderr
+    # 128 + the signal, as a shell reports a killed process: the command did not finish
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert f"stopped by {signal.Signals(signum).name}" in stdout and "Traceback" not in stderr
     assert not os.path.exists(logdir / "samples_ema.png")  # --eval did not start
     state = weights(str(logdir))
     assert 1 <= state["step"] < 100000

@@ -26,7 +26,7 @@ import streams
 import train
 from score import Evaluator, ScoreError, load_images
 from score.scorer import small_sample_warning
-from test_main import ROOT, TINY, stopped_training
+from test_main import ROOT, TINY
 
 
 def run_main(*args, prelude=""):
@@ -663,12 +663,3 @@ def test_save_samples_onto_what_cannot_hold_them_is_one_line_before_sampling(tmp
     with pytest.raises(main.ConfigError, match=f"--save_samples {path} {message}"):
         main.validate(run_config, 1, "cpu")
 
-
-def test_sighup_saves_a_checkpoint_as_sigterm_does(tmp_path):
-    """A closed terminal or ssh session (SIGHUP) ended a training run without a checkpoint."""
-    logdir = tmp_path / "run"
-    returncode, stdout, stderr = stopped_training(logdir, signal.SIGHUP)
-    assert returncode == 128 + signal.SIGHUP, stderr[-3000:]
-    assert "stopped by SIGHUP" in stdout and "Traceback" not in stderr
-    assert not os.path.exists(logdir / "samples_ema.png")  # --eval did not start
-    assert 1 <= load(str(logdir))["step"] < 100000
