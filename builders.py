@@ -2,8 +2,9 @@
 UNet, the diffusion with its loss, and the sampler. Imports the model and the math, never
 the configuration module, so that the configuration can use these to check itself.
 """
-from diffusion import LEARNED_VARIANCES, GaussianDiffusion, GaussianDiffusionSampler, GaussianDiffusionTrainer
+from diffusion import LEARNED_VARIANCES, GaussianDiffusion, GaussianDiffusionTrainer
 from model import UNet
+from sampling import OPTION_DEFAULTS, GaussianDiffusionSampler
 
 
 def build_model(model, diffusion, layout=None):
@@ -33,7 +34,7 @@ def build_trainer(net, diffusion, training=None):
 
 def build_sampler(sampling, diffusion):
     """The sampler of a SamplingConfig on the DiffusionConfig's chain; call it with the network."""
-    return GaussianDiffusionSampler(diffusion.betas(), diffusion.mean_type, diffusion.var_type,
-                                    sampling.clip_denoised, sampling.sampler, sampling.sample_steps or None,
-                                    sampling.eta, None if sampling.skip_type == "auto" else sampling.skip_type,
-                                    sampling.solver_order, sampling.ddim_eps)
+    return GaussianDiffusionSampler(
+        diffusion.betas(), diffusion.mean_type, diffusion.var_type, sampling.clip_denoised, sampling.sampler,
+        sampling.sample_steps or None, skip_type=None if sampling.skip_type == "auto" else sampling.skip_type,
+        **{name: getattr(sampling, name) for name in OPTION_DEFAULTS})

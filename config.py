@@ -22,8 +22,10 @@ import builders
 import data
 import memory
 import model
-from diffusion import (BETA_SCHEDULES, DDIM_EPS, LOSS_TYPES, MEAN_TYPES, SAMPLERS, SKIP_TYPES, VAR_TYPES,
-                       beta_schedule)
+import sampling
+from diffusion import BETA_SCHEDULES, LOSS_TYPES, MEAN_TYPES, VAR_TYPES, beta_schedule
+from sampling import OPTION_DEFAULTS, SKIP_TYPES
+from steps import DDIM_EPS
 from errors import UserError
 from score.metrics import IS_SPLITS
 from score.scorer import FEATURES
@@ -161,25 +163,28 @@ class DiffusionConfig(Section):
 @dataclass(frozen=True)
 class SamplingConfig(Section):
     TITLE = "Sampling (training-time grids, --eval, training-time FID)"
-    sampler: str = option("ddpm", "ddpm: ancestral (strided when --sample_steps < T); ddim; the "
-                          "solvers dpm_solver++ (multistep), sde_dpm_solver++, dpm_solver "
-                          "(singlestep), unipc", choices=tuple(SAMPLERS))
+    # the help of the samplers' flags and their checks come from the samplers' declarations
+    # (sampling.py), so that a registered sampler is a choice too
+    sampler: str = option("ddpm", sampling.option_help("sampler"))
     sample_steps: int = option(0, "sampler steps, one network evaluation each (0: all T)")
-    eta: float = option(0.0, "DDIM noise scale: 0 deterministic, 1 ancestral-like")
-    solver_order: int = option(0, "order of the solvers (0: the sampler's own, 3 for dpm_solver, "
-                                  "2 for the others; sde_dpm_solver++ takes 1-2; ddpm and ddim ignore it)")
+    eta: float = option(OPTION_DEFAULTS["eta"], "noise scale (0: deterministic); " + sampling.option_help("eta"))
+    solver_order: int = option(OPTION_DEFAULTS["solver_order"],
+                               "order of the solvers; " + sampling.option_help("solver_order"))
     skip_type: str = option("auto", "which timesteps a strided sampler keeps: uniform or quadratic in "
                                     "time, uniform in log-SNR (auto: the sampler's own, see README)",
                             choices=("auto",) + SKIP_TYPES)
     clip_denoised: bool = option(True, "clip x0_hat to [-1, 1] before forming the mean")
-    ddim_eps: str = option("network", "ddim's eps beside a clipped x0_hat: the network's own, or "
+    ddim_eps: str = option(OPTION_DEFAULTS["ddim_eps"], "ddim's eps beside a clipped x0_hat: the network's own, or "
                                       "re-derived from the clipped x0_hat (from_x0)", choices=DDIM_EPS)
 
     def check(self):
         require(self.sample_steps >= 0, f"--sample_steps must be >= 0 (0: all T), got {self.sample_steps}")
-        require(0 <= self.eta < math.inf, f"--eta must be a finite number >= 0, got {self.eta}")
-        require(self.solver_order in (0, 1, 2, 3), f"--solver_order must be 0 (the sampler's own), 1, 2 "
-                                                   f"or 3, got {self.solver_order}")
+        require(self.sampler in sampling.SAMPLERS, f"--sampler must be one of {', '.join(sampling.SAMPLERS)}, "
+                                                   f"got {self.sampler!r}")
+        try:
+            sampling.sampler_options(self.sampler, {name: getattr(self, name) for name in OPTION_DEFAULTS})
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 @dataclass(frozen=True)

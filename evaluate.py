@@ -41,6 +41,8 @@ import speed
 from builders import build_diffusion, build_model, build_sampler
 from errors import UserError
 from reports import grid
+from sampling import SAMPLERS
+from steps import SamplerStep
 from streams import BPD_NOISE, EVAL_NOISE, INSPECT_NOISE, generator
 from score import Evaluator, default_feature, gather, load_images, save_images
 from score.scorer import PUBLISHED_SAMPLES
@@ -303,10 +305,7 @@ def protocol_record(config, sampler, evaluator, num_samples, step, ckpt_sha256, 
               "quantize": config.eval.fid_quantize, "seed": config.run.seed,
               "processes": distributed.world_size(),
               "torch": torch.__version__, "wall_time_s": round(time.time() - started, 1)}
-    if hasattr(sampler.step, "highest_order"):  # what ran: a short chain may not reach the order asked
-        record["solver_order"] = sampler.step.highest_order
-    if sampling.sampler == "ddim" and sampling.clip_denoised:
-        record["ddim_eps"] = sampling.ddim_eps
+    record.update(sampler.step.record())  # the sampler's own fields: what ran (solver_order: the order reached)
     if evaluator and evaluator.feature == "inception" and num_samples < PUBLISHED_SAMPLES:
         record["comparable"] = f"no: fewer than {PUBLISHED_SAMPLES:,} samples, not comparable with published FIDs"
     return record
@@ -319,13 +318,12 @@ def describe(record):
     if "images" in record:  # --eval_dir: images scored as they are, no model or sampler
         return (f"{record['num_samples']:,} images of {record['images']}; {record['feature_network']} "
                 f"features, {statistics}, {'8-bit' if record['quantize'] else 'float'} images")
-    order = f" of order {record['solver_order']}" if "solver_order" in record else ""
-    ddim_eps = f" ({record['ddim_eps']} eps)" if "ddim_eps" in record else ""
+    sampler_words = SAMPLERS.get(record["sampler"], SamplerStep).describe(record)
     text = (f"{record['num_samples']:,} samples of the EMA model at step {record['checkpoint_step']} "
             f"(ckpt {record['checkpoint_sha256']}); {record.get('beta_schedule', 'linear')} schedule, "
-            f"{record['sampler']} sampler{order}, {record['steps']} steps, "
+            f"{record['sampler']} sampler{sampler_words}, {record['steps']} steps, "
             f"eta {record['eta']}, {record['skip_type']} skips, "
-            f"{'clipped' if record['clip_denoised'] else 'unclipped'} x0{ddim_eps}; "
+            f"{'clipped' if record['clip_denoised'] else 'unclipped'} x0; "
             f"{record['feature_network']} features ({record['feature_weights_sha256']}), {statistics}, "
             f"{'8-bit' if record['quantize'] else 'float'} samples; seed {record['seed']}, "
             f"{record['processes']} process(es), torch {record['torch']}, {record['wall_time_s']} s")

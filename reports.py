@@ -1,6 +1,6 @@
 """Pictures for people to look at: sample grids, progressive sampling and interpolation.
 
-The two walks take a `GaussianDiffusionSampler` (diffusion.py) and the network, in eval mode,
+The two walks take a `GaussianDiffusionSampler` (sampling.py) and the network, in eval mode,
 and read the sampler's one reverse chain (`chain`). Images are tensors in [-1, 1]; files are
 8-bit PNG/GIF written by PIL, a pixel x stored as round((x + 1) * 127.5). The walks refuse
 what is not finite (`require_finite`) before anything of it can be written.

@@ -17,7 +17,8 @@ import torch
 
 import speed
 from config import FastPathConfig
-from diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer, beta_schedule
+from diffusion import GaussianDiffusionTrainer, beta_schedule
+from sampling import GaussianDiffusionSampler
 from model import UNet
 from score import frechet_distance
 from score.inception import fid_inception_v3

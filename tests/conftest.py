@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+from sampling import SAMPLERS
+
+# the samplers with orders (--solver_order): the solvers
+SOLVERS = {name: step for name, step in SAMPLERS.items() if step.ORDERS}
+
 # One thread in the processes the tests start (main.py runs) too, as one_thread below does in
 # this one: with two, a 16-sample evaluation took 30 s instead of 1 on two busy cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -14,6 +14,7 @@ import evaluate
 import main
 import speed
 from config import Config, ConfigError
+from sampling import SAMPLERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every kind of field away from its default: lists, bools, None, strings, floats.
@@ -92,7 +93,7 @@ def test_the_lists_that_were_kept_by_hand_follow_the_fields():
 
 def other_value(section, item, value):
     """A valid value of a field other than value, or None where there is none to try."""
-    choices = item.metadata["choices"]
+    choices = item.metadata["choices"] or (tuple(SAMPLERS) if item.name == "sampler" else None)
     if choices:
         return next((choice for choice in choices if choice != value and choice != "seed"), None)
     if item.name in ("ch_mult", "attn"):  # base: ch_mult (1, 2), attn (1,)

@@ -207,7 +207,7 @@ def test_the_protocol_record_names_the_spacing_used_the_solver_order_and_ddims_e
     import types
     import evaluate
     from config import Config
-    from diffusion import DEFAULT_SKIP_TYPE, SOLVER_DEFAULT_ORDERS
+    from sampling import DEFAULT_SKIP_TYPE, SAMPLERS
     evaluator = types.SimpleNamespace(feature="digits", weights_sha256="a" * 12, statistics_sha256=None)
 
     def record_of(**values):
@@ -217,12 +217,12 @@ def test_the_protocol_record_names_the_spacing_used_the_solver_order_and_ddims_e
         return record, evaluate.describe(record)
 
     record, line = record_of(sampler="dpm_solver")
-    assert record["solver_order"] == SOLVER_DEFAULT_ORDERS["dpm_solver"] == 3 and "dpm_solver sampler of order 3" in line
+    assert record["solver_order"] == SAMPLERS["dpm_solver"].DEFAULT_ORDER == 3 and "dpm_solver sampler of order 3" in line
     assert record["skip_type"] == DEFAULT_SKIP_TYPE == "quadratic" and f"{record['skip_type']} skips" in line
     record, line = record_of(sampler="unipc", solver_order=1, skip_type="logsnr")
     assert record["solver_order"] == 1 and record["skip_type"] == "logsnr" and "logsnr skips" in line
     record, line = record_of(sampler="ddim", ddim_eps="from_x0")
-    assert record["ddim_eps"] == "from_x0" and "clipped x0 (from_x0 eps)" in line and "order" not in line
+    assert record["ddim_eps"] == "from_x0" and "ddim sampler (from_x0 eps beside the clipped x0)," in line and "order" not in line
     record, _ = record_of(sampler="ddim", clip_denoised=False)
     assert "ddim_eps" not in record  # unclipped, both conventions are one update
 

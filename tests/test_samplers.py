@@ -3,7 +3,7 @@ interpolation.
 
 The references below are written from the formulas of Ho et al. 2020 (eqs. 6-7, Algorithm 2)
 and Song et al. 2021 (DDIM, eq. 12) in numpy float64,
-independently of diffusion.py; the sampler runs the same deterministic toy model in float64
+independently of the sampling code; the sampler runs the same deterministic toy model in float64
 and draws its noise from a generator that the reference replays in the same order.
 """
 import math
@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-import diffusion
-from diffusion import (AncestralStep, DDIMStep, GaussianDiffusionSampler, StridedAncestralStep,
-                       beta_schedule, sample_timesteps)
+import sampling
+from diffusion import GaussianDiffusionSampler, beta_schedule
+from sampling import sample_timesteps
+from steps import AncestralStep, DDIMStep, StridedAncestralStep
 from reports import interpolate, progressive_samples, save_interpolation, save_progressive
 
 T, BETA_1, BETA_T = 40, 1e-3, 0.3
@@ -426,6 +427,8 @@ class HistoryStep(DDIMStep):
     """A stand-in for a multistep solver: keeps its chain's x0_hat, as DPM-Solver++ keeps its
     earlier predictions, and notes (chain number, i) at every step."""
 
+    NAME = "history"
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.chains, self.seen, self.history = 0, [], []
@@ -444,7 +447,7 @@ class HistoryStep(DDIMStep):
 def test_a_registered_stateful_step_is_reset_once_per_chain(monkeypatch):
     """A new sampler is a step class and a registry line: every walk resets it once, at the
     start, and then gives it the chain's steps in order."""
-    monkeypatch.setitem(diffusion.STEPS, "history", HistoryStep)
+    monkeypatch.setitem(sampling.SAMPLERS, "history", HistoryStep)
     sampler = GaussianDiffusionSampler(BETAS, sampler="history", sample_steps=10, eta=1.0, skip_type="uniform")
     step, kept = sampler.step, sampler.timesteps
     assert isinstance(step, HistoryStep) and len(kept) == 10

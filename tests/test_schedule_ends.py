@@ -7,7 +7,7 @@ clipped variances. Samples that are not finite are never written, never scored. 
 record says the highest order a step of its chain used.
 
 The references are closed forms written here in numpy float64 (the schedules' abar, x0_hat
-of the one step), independently of diffusion.py.
+of the one step), independently of the sampling code.
 """
 import os
 import types
@@ -22,8 +22,11 @@ import reports
 import train
 from builders import build_model, build_sampler, build_trainer
 from config import Config, ConfigError
-from diffusion import (AncestralStep, GaussianDiffusionSampler, SAMPLERS, SKIP_TYPES,
-                       SOLVER_DEFAULT_ORDERS, beta_schedule, sample_timesteps, singlestep_orders)
+from conftest import SOLVERS
+from diffusion import beta_schedule
+from sampling import SAMPLERS, SKIP_TYPES, GaussianDiffusionSampler, sample_timesteps
+from solvers import singlestep_orders
+from steps import AncestralStep
 from reports import NonFiniteSamples
 
 T = 20
@@ -162,7 +165,7 @@ def test_what_is_defined_at_the_ends_stays_allowed_and_finite():
     for mean_type in ("xstart", "xprev"):
         config = Config.make(T=T, beta_schedule="jsd", mean_type=mean_type, loss_type="kl", bpd=True)
         assert torch.isfinite(build_trainer(net, config.diffusion)(x_0, last, noise)).all()
-    for sampler in SAMPLERS[1:]:
+    for sampler in list(SAMPLERS)[1:]:
         config = Config.make(T=1, sampler=sampler)
         assert torch.isfinite(build_sampler(config.sampling, config.diffusion)(Recording(), x_T())).all()
 
@@ -226,9 +229,9 @@ def test_nan_samples_make_no_grid_strip_or_interpolation(tmp_path):
 def orders_that_ran(chain, monkeypatch):
     """The order of each step of one chain from x_T, seen where the step forms its update:
     the x0_hat the multistep formulas take, the singlestep order list, UniPC's predictor."""
-    import diffusion
+    import solvers
     used, name = [], type(chain.step).__name__
-    differences, coefficients = diffusion.multistep_differences, diffusion.unipc_coefficients
+    differences, coefficients = solvers.multistep_differences, solvers.unipc_coefficients
 
     def counted_differences(history, lam, h):
         used.append(len(history))
@@ -239,8 +242,8 @@ def orders_that_ran(chain, monkeypatch):
             used.append(order)
         return coefficients(rks, hh, order, corrector)
 
-    monkeypatch.setattr(diffusion, "multistep_differences", counted_differences)
-    monkeypatch.setattr(diffusion, "unipc_coefficients", counted_coefficients)
+    monkeypatch.setattr(solvers, "multistep_differences", counted_differences)
+    monkeypatch.setattr(solvers, "unipc_coefficients", counted_coefficients)
     chain(Recording(), x_T(), generator=torch.Generator().manual_seed(0))
     if name == "DPMSolverSinglestepStep":  # diffusers' order list (tests/test_solvers.py)
         used = singlestep_orders(len(chain.timesteps), chain.step.order)
@@ -248,7 +251,7 @@ def orders_that_ran(chain, monkeypatch):
     return used
 
 
-@pytest.mark.parametrize("sampler", list(SOLVER_DEFAULT_ORDERS))
+@pytest.mark.parametrize("sampler", list(SOLVERS))
 @pytest.mark.parametrize("steps", [1, 2, 3, 10])
 def test_the_record_names_the_highest_order_any_step_used(sampler, steps, monkeypatch):
     evaluator = types.SimpleNamespace(feature="digits", weights_sha256="a" * 12, statistics_sha256=None)

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import GaussianDiffusionSampler, SOLVER_DEFAULT_ORDERS, singlestep_orders
+from sampling import SAMPLERS
+from diffusion import GaussianDiffusionSampler
+from solvers import singlestep_orders
 from test_samplers import PAPER_BETAS, SHAPE, GaussianOracle, M, S, ToyModel, schedule
 
 diffusers = pytest.importorskip("diffusers")
@@ -101,7 +103,7 @@ def test_an_xstart_model_is_solved_from_its_own_prediction(name, monkeypatch):
     """The solvers use only x0_hat: a model that predicts x_0 (diffusers' "sample") is
     solved the same way."""
     monkeypatch.setattr(scheduling_dpmsolver_multistep, "torch", Float64Torch())
-    worst, _ = walk_both(name, SOLVER_DEFAULT_ORDERS[name], False, 10, mean_type="xstart")
+    worst, _ = walk_both(name, SAMPLERS[name].DEFAULT_ORDER, False, 10, mean_type="xstart")
     assert worst < 1e-10
 
 
@@ -220,7 +222,7 @@ def test_the_sde_solver_samples_the_data_distribution(order):
     assert errors[1] < 0.035 and errors[0] > errors[1] + 0.05, errors
 
 
-@pytest.mark.parametrize("name", list(SOLVER_DEFAULT_ORDERS))
+@pytest.mark.parametrize("name", sorted({name for name, _ in SOLVERS}))
 def test_each_chain_starts_afresh(name):
     """A solver's history is its chain's: a chain abandoned after three steps leaves nothing
     that changes the next one."""
