@@ -8,7 +8,7 @@ on the number of processes or micro-batches, and a resumed run continues it exac
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-import data
+import datasets
 from streams import DATA_ORDER, generator
 
 
@@ -23,7 +23,7 @@ class GlobalBatchSampler(Sampler):
                  device="cpu"):
         self.per_epoch = dataset_size // global_batch
         if self.per_epoch == 0:
-            raise data.DatasetError(f"the dataset has {dataset_size} images, fewer than one "
+            raise datasets.DatasetError(f"the dataset has {dataset_size} images, fewer than one "
                                     f"batch of {global_batch}")
         self.size, self.global_batch = dataset_size, global_batch
         self.world_size, self.rank, self.accum_steps = world_size, rank, accum_steps
@@ -44,7 +44,7 @@ class GlobalBatchSampler(Sampler):
 def device_batches(images, batch_sampler):
     """(batch, None) pairs cut from a dataset held whole on the device: no loader, no copies."""
     for indices in batch_sampler:
-        yield data.from_stored(images[indices]), None
+        yield datasets.from_stored(images[indices]), None
 
 
 def loader_batches(dataset, batch_sampler, num_workers, seed, device):
@@ -58,5 +58,5 @@ def loader_batches(dataset, batch_sampler, num_workers, seed, device):
     try:
         for x, y in loader:
             yield x.to(device, non_blocking=True), y
-    except data.DatasetError as error:
-        raise data.worker_error(error) from None
+    except datasets.DatasetError as error:
+        raise datasets.worker_error(error) from None

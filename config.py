@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import builders
-import data
+import datasets
 import memory
 import model
 import sampling
@@ -190,7 +190,7 @@ class SamplingConfig(Section):
 @dataclass(frozen=True)
 class DataConfig(Section):
     TITLE = "Data"
-    dataset: str = option("cifar10", "training data", choices=tuple(data.DATASETS))
+    dataset: str = option("cifar10", "training data", choices=tuple(datasets.DATASETS))
     data_root: str = option("./data", "where the dataset lives (a folder of images for 'folder')")
     num_workers: int = option(4, "data-loading processes per training process")
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import bpd
 import checkpoint
-import data
+import datasets
 import distributed
 import files
 import reports
@@ -498,7 +498,7 @@ def bits_per_dim(config, device_type):
     device = distributed.local_device(device_type)
     ema, _, _ = load_ema(config, device)  # fp32 network: every bound term after it is float64
     diffusion, inspect, logdir = build_diffusion(config.diffusion).to(device), config.inspect, config.run.logdir
-    dataset = data.build_dataset(config.data.dataset, config.data.data_root, config.model.img_size,
+    dataset = datasets.build_dataset(config.data.dataset, config.data.data_root, config.model.img_size,
                                  train=inspect.bpd_split == "train", flip=False,
                                  channels=config.model.img_channels)
     # whole batches per process, each batch's noise seeded by its global index: the same
@@ -525,9 +525,9 @@ def interpolation_image(model, name, dataset):
         return dataset[int(name)][0]
     try:
         with files.open_regular(name) as file, Image.open(file) as image:
-            return data.image_transform(model.img_size, False, model.img_channels)(image)
+            return datasets.image_transform(model.img_size, False, model.img_channels)(image)
     except (OSError, ValueError) as error:  # not a regular file (a FIFO would block), pixels of no known range
-        raise data.DatasetError(f"--interp_images: {name} is neither a training-set index nor a "
+        raise datasets.DatasetError(f"--interp_images: {name} is neither a training-set index nor a "
                                 f"readable image ({error})") from None
 
 
@@ -547,7 +547,7 @@ def look_inside(config, device_type):
         paths = reports.save_progressive(progressive, os.path.join(logdir, "progressive"))
         print(f"wrote {len(paths) - 1} strips and {paths[-1]}")
     if actions.interp_t:
-        dataset = data.build_dataset(config.data.dataset, config.data.data_root, model.img_size, train=True,
+        dataset = datasets.build_dataset(config.data.dataset, config.data.data_root, model.img_size, train=True,
                                      flip=False, channels=model.img_channels)
         x0_a, x0_b = (interpolation_image(model, name, dataset)[None].to(device)
                       for name in config.inspect.interp_images)

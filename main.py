@@ -20,7 +20,7 @@ if __name__ == "__main__":  # Ctrl-C while the modules below load: one line, not
 from absl import app, flags
 
 import config
-import data
+import datasets
 import distributed
 import files
 import lock
@@ -371,7 +371,7 @@ def start(launched, made, job=None):
     if first and os.path.isdir(logdir):  # one command per logdir: a busy one is said before the data is read
         lock.hold(logdir)
     if run_config.actions.train:  # a missing dataset fails here, once, before any process starts
-        data.build_dataset(run_config.data.dataset, run_config.data.data_root, run_config.model.img_size,
+        datasets.build_dataset(run_config.data.dataset, run_config.data.data_root, run_config.model.img_size,
                            train=True, channels=run_config.model.img_channels)
     if FLAGS["parallel"].present and first:
         print("note: --parallel / --noparallel of the earlier port is ignored; start processes "

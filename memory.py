@@ -10,7 +10,7 @@ The network is counted on the meta device: shapes only, no memory, however large
 import torch
 
 import builders
-import data
+import datasets
 from errors import UserError
 from files import readable
 from score.scorer import default_feature
@@ -32,7 +32,7 @@ class OutOfMemory(UserError, MemoryError):
 
 def host_memory():
     """Bytes of host memory available now."""
-    return data.free_memory(torch.device("cpu"))
+    return datasets.free_memory(torch.device("cpu"))
 
 
 def device_memory(device_type):

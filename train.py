@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
-import data
+import datasets
 import distributed
 import files
 import signals
@@ -235,7 +235,7 @@ def train_step(state, trainer, ddp_net, batches, config, rank, world_size):
     for micro in range(accum):
         x_0, _ = next(batches)
         part = slice((rank * accum + micro) * micro_batch, (rank * accum + micro + 1) * micro_batch)
-        if data.default_flip(config.data.dataset):
+        if datasets.default_flip(config.data.dataset):
             x_0 = torch.where(flip[part, None, None, None], x_0.flip(-1), x_0)
         # DDP averages gradients across processes on the last micro-batch only
         last = micro == accum - 1
@@ -264,7 +264,7 @@ def training_batches(config, dataset, fast, start, rank, world_size, device):
     """This process's micro-batches from global batch `start` on: cut from the dataset held on
     the device (--data_on_device), or read by loader workers."""
     # encoded images (folders, LSUN) only when asked: decoding them all costs a pass at each start
-    stored = data.as_tensor(dataset, device, decode=config.fast.data_on_device is True,
+    stored = datasets.as_tensor(dataset, device, decode=config.fast.data_on_device is True,
                             num_workers=config.data.num_workers) if fast.data_on_device else None
     order = GlobalBatchSampler(len(dataset), config.training.batch_size, world_size, rank,
                                config.training.accum_steps, config.run.seed, start,
@@ -337,7 +337,7 @@ def train(config, device_type):
     is_main, training, logdir = rank == 0, config.training, config.run.logdir
     fast = speed.resolve(config.fast, device_type, world_size)
     torch.manual_seed(stream_seed(config.run.seed, rank))  # dropout; restored on resume
-    dataset = data.build_dataset(config.data.dataset, config.data.data_root, config.model.img_size, train=True,
+    dataset = datasets.build_dataset(config.data.dataset, config.data.data_root, config.model.img_size, train=True,
                                  flip=False, channels=config.model.img_channels)
     ckpt_path = os.path.join(logdir, "ckpt.pt")
     state = initial_state(config, fast, device, ckpt_path, rank, world_size)

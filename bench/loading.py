@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import cifar
 
-import data
+import datasets
 from batches import GlobalBatchSampler, loader_batches
 
 SIZES = (32, 64, 256)
@@ -107,7 +107,7 @@ def main():
         print("|---|---|---|" + "---|" * len(WORKERS))
         for kind, (name, data_root) in kinds.items():
             for size in SIZES:
-                dataset = data.build_dataset(name, data_root, size, flip=False)
+                dataset = datasets.build_dataset(name, data_root, size, flip=False)
                 speeds = [loader_speed(dataset, workers, args.batch_size, args.seconds)
                           for workers in WORKERS]
                 print(f"| {kind} | {size} | {speeds[0][1]:.2f} ms | " +

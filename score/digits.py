@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import data
+import datasets
 import files
 
 CLASSIFIER = "data/digits_classifier.pt"
@@ -36,7 +36,7 @@ class DigitsNet(nn.Module):
     def forward(self, x):
         if x.shape[1] == 3:  # grayscale digits read back from RGB image files
             x = x.mean(1, keepdim=True)
-        if x.shape[-2:] != (8, 8):  # as data.py resizes the digits for other image sizes
+        if x.shape[-2:] != (8, 8):  # as datasets.py resizes the digits for other image sizes
             x = F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False, antialias=True)
         features = self.body(x)
         return features, self.head(features)
@@ -47,7 +47,7 @@ def train_classifier(recipe=RECIPE):
 
     The global RNG is forked so that training leaves the caller's random stream untouched.
     """
-    images, labels = data.digits_array(train=True)
+    images, labels = datasets.digits_array(train=True)
     images, labels = torch.from_numpy(images), torch.from_numpy(labels).long()
     # One thread: the same summation order on every machine, and no OpenMP threads spinning
     # against each other on a busy CPU (measured 6x slower with 2 threads on 2 loaded cores).

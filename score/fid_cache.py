@@ -18,30 +18,30 @@ if __name__ == "__main__":  # a stop while the modules load, or later: one line,
 import torch
 from tqdm import tqdm
 
-import data
+import datasets
 from .scorer import FEATURES, Evaluator, default_feature
 from .metrics import ScoreError, save_statistics, statistics
 from .digits import CLASSIFIER
 
 
 def dataset_statistics(dataset, data_root, img_size, evaluator, num_workers=2):
-    """(mu, sigma) of the evaluator's features over a data.py dataset's training split."""
-    img_size = img_size or data.DATASETS[dataset][2]
+    """(mu, sigma) of the evaluator's features over a datasets.py dataset's training split."""
+    img_size = img_size or datasets.DATASETS[dataset][2]
     if img_size is None:
         raise ScoreError(f"--dataset {dataset} has no native size: pass --img_size")
-    images = data.build_dataset(dataset, data_root, img_size, train=True, flip=False)
+    images = datasets.build_dataset(dataset, data_root, img_size, train=True, flip=False)
     loader = torch.utils.data.DataLoader(images, batch_size=evaluator.batch_size,
                                          num_workers=num_workers)
     batches = ((x + 1) / 2 for x, _ in tqdm(loader, desc=f"{dataset} features", unit="batch"))
     try:
         return statistics(evaluator.features(batches)[0])
-    except data.DatasetError as error:  # an unreadable image, maybe met by a loader worker
-        raise data.worker_error(error) from None
+    except datasets.DatasetError as error:  # an unreadable image, maybe met by a loader worker
+        raise datasets.worker_error(error) from None
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", required=True, choices=list(data.DATASETS))
+    parser.add_argument("--dataset", required=True, choices=list(datasets.DATASETS))
     parser.add_argument("--output", required=True, help=".npz to write")
     parser.add_argument("--data_root", default="./data",
                         help="dataset location (the image folder for --dataset folder)")
@@ -64,7 +64,7 @@ def main(argv=None):
                               batch_size=args.batch_size, digits_classifier=args.digits_classifier)
         mu, sigma = dataset_statistics(args.dataset, args.data_root, args.img_size, evaluator,
                                        args.num_workers)
-    except (ScoreError, data.DatasetError) as error:
+    except (ScoreError, datasets.DatasetError) as error:
         sys.exit(f"error: {error}")
     save_statistics(args.output, mu, sigma)
     print(f"wrote {args.output}: {len(mu)} features of {args.dataset}")

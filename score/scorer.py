@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import data
+import datasets
 import files
 from . import digits, inception, metrics
 from .metrics import (ScoreError, frechet_distance, inception_score, load_statistics, statistics,
@@ -84,7 +84,7 @@ class Evaluator:
             self.net = digits.load_classifier(digits_classifier)
         self.net.to(self.device).eval()
         if feature == "digits" and fid_cache is None:
-            real = torch.from_numpy(data.digits_array(train=True)[0])
+            real = torch.from_numpy(datasets.digits_array(train=True)[0])
             # the reference is real data as stored in 8 bits, whatever self.quantize says
             self.reference = statistics(self.features(metrics.quantize(real))[0])
         dim = inception.POOL_DIM if feature == "inception" else digits.RECIPE["features"]
@@ -151,14 +151,14 @@ def load_images(path):
     if not os.path.isdir(path):
         raise ScoreError(f"{path}: not a folder of images or an .npz file")
     paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
-                   for name in names if name.lower().endswith(data.IMAGE_EXTENSIONS))
+                   for name in names if name.lower().endswith(datasets.IMAGE_EXTENSIONS))
     if not paths:
-        raise ScoreError(f"no image files ({', '.join(data.IMAGE_EXTENSIONS)}) under {path}")
+        raise ScoreError(f"no image files ({', '.join(datasets.IMAGE_EXTENSIONS)}) under {path}")
     arrays = []
     for file in paths:
         try:
             with files.open_regular(file) as opened, Image.open(opened) as image:
-                arrays.append(np.asarray(data.to_8_bits(image).convert("RGB")))
+                arrays.append(np.asarray(datasets.to_8_bits(image).convert("RGB")))
         except (OSError, ValueError) as error:  # not a regular file (a FIFO named x.png), pixels of no known range
             raise ScoreError(f"cannot read image {file}: {error}") from None
         if arrays[-1].shape != arrays[0].shape:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import datasets
 from score import fid_cache
 
 lmdb = pytest.importorskip("lmdb")
@@ -44,11 +44,11 @@ def encoded(index, fmt):
 
 
 def close_databases():
-    """data.py keeps each lmdb database open (one environment per process): writing to one,
+    """datasets.py keeps each lmdb database open (one environment per process): writing to one,
     in a test, needs it closed."""
-    for env in data.LMDB_ENVS.values():
+    for env in datasets.LMDB_ENVS.values():
         env.close()
-    data.LMDB_ENVS.clear()
+    datasets.LMDB_ENVS.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -104,8 +104,8 @@ def datasets_dir(tmp_path_factory):
 
 
 def flat_files(root):
-    """Every image file under root in the order data.ImageFiles reads them."""
-    return data.ImageFiles(root, 8, False, 3).paths
+    """Every image file under root in the order datasets.ImageFiles reads them."""
+    return datasets.ImageFiles(root, 8, False, 3).paths
 
 
 def stored_bytes(name, root):
@@ -119,7 +119,7 @@ def stored_bytes(name, root):
 @pytest.mark.parametrize("name", ["lsun_church", "celebahq", "folder"])
 @pytest.mark.parametrize("size", [256, 64])
 def test_images_are_prepared_as_the_official_lsun_data(datasets_dir, name, size):
-    dataset = data.build_dataset(name, datasets_dir[name], size)
+    dataset = datasets.build_dataset(name, datasets_dir[name], size)
     expected = stored_bytes(name, datasets_dir[name])
     assert len(dataset) == 36  # nested folders, upper-case suffixes found; notes.txt not
     for index, encoded_bytes in enumerate(expected):
@@ -134,12 +134,12 @@ def test_random_flips_follow_the_dataset_default(datasets_dir, tmp_path):
     roots = {**datasets_dir, "lsun_bedroom": str(lsun_root)}
     torch.manual_seed(0)
     for name, root in roots.items():
-        dataset = data.build_dataset(name, root, 32)
-        upright = data.to_model_input(dataset.pixels(0), flip=False)
+        dataset = datasets.build_dataset(name, root, 32)
+        upright = datasets.to_model_input(dataset.pixels(0), flip=False)
         draws = [dataset[0][0] for _ in range(16)]
         mirrored = sum(torch.equal(x, upright.flip(-1)) for x in draws)
         assert mirrored + sum(torch.equal(x, upright) for x in draws) == 16, name
-        assert (0 < mirrored < 16) == data.default_flip(name) == (name != "lsun_bedroom"), name
+        assert (0 < mirrored < 16) == datasets.default_flip(name) == (name != "lsun_bedroom"), name
 
 
 def test_the_key_list_is_cached_once_and_never_in_the_working_directory(tmp_path, monkeypatch):
@@ -148,19 +148,19 @@ def test_the_key_list_is_cached_once_and_never_in_the_working_directory(tmp_path
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     db = tmp_path / "lsun" / "cat_train_lmdb"
     write_lmdb(str(db), {lsun_key(i): encoded(i, "JPEG") for i in range(3)})
-    assert len(data.build_dataset("lsun_cat", str(tmp_path / "lsun"), 16)) == 3
+    assert len(datasets.build_dataset("lsun_cat", str(tmp_path / "lsun"), 16)) == 3
     assert os.path.exists(str(db) + ".keys.npz")
     listings = []
-    monkeypatch.setattr(data, "tqdm", lambda keys, **_: listings.append(1) or keys)
-    assert len(data.build_dataset("lsun_cat", str(tmp_path / "lsun"), 16)) == 3
+    monkeypatch.setattr(datasets, "tqdm", lambda keys, **_: listings.append(1) or keys)
+    assert len(datasets.build_dataset("lsun_cat", str(tmp_path / "lsun"), 16)) == 3
     assert listings == []  # read from the cache
     close_databases()
     write_lmdb(str(db), {lsun_key(3): encoded(3, "WEBP")})  # the database grew: listed afresh
-    assert len(data.build_dataset("lsun_cat", str(tmp_path / "lsun"), 16)) == 4 and listings == [1]
+    assert len(datasets.build_dataset("lsun_cat", str(tmp_path / "lsun"), 16)) == 4 and listings == [1]
     # nothing can be written next to the database: the user's cache folder takes the list
     os.remove(str(db) + ".keys.npz")
     os.mkdir(str(db) + ".keys.npz")
-    assert len(data.build_dataset("lsun_cat", str(tmp_path / "lsun"), 16)) == 4
+    assert len(datasets.build_dataset("lsun_cat", str(tmp_path / "lsun"), 16)) == 4
     assert [name for name in os.listdir(tmp_path / "cache" / "ddpm") if name.endswith(".keys.npz")]
     assert os.listdir(tmp_path / "cwd") == []
 
@@ -173,11 +173,11 @@ def test_a_truncated_database_is_refused_at_open(tmp_path):
     write_lmdb(str(db), {lsun_key(i): encoded(i, "JPEG") for i in range(40)})
     with open(db / "data.mdb", "r+b") as file:
         file.truncate(os.path.getsize(db / "data.mdb") // 2)
-    read_all = ("import sys; sys.path.insert(0, sys.argv[1]); import data\n"
+    read_all = ("import sys; sys.path.insert(0, sys.argv[1]); import datasets\n"
                 "try:\n"
-                "    images = data.build_dataset('lsun_church', sys.argv[2], 16)\n"
+                "    images = datasets.build_dataset('lsun_church', sys.argv[2], 16)\n"
                 "    [images[i] for i in range(len(images))]\n"
-                "except data.DatasetError as error:\n"
+                "except datasets.DatasetError as error:\n"
                 "    sys.exit(f'error: {error}')\n")
     result = subprocess.run([sys.executable, "-c", read_all, ROOT, str(tmp_path / "lsun")],
                             capture_output=True, text=True, timeout=120)
@@ -189,7 +189,7 @@ def test_only_regular_files_count_as_images(tmp_path):
     """A FIFO named x.png would block the loader forever on its first read."""
     picture(0, 8, 8).save(tmp_path / "real.png")
     os.mkfifo(tmp_path / "x.png")
-    images = data.build_dataset("folder", str(tmp_path), 8)
+    images = datasets.build_dataset("folder", str(tmp_path), 8)
     assert images.paths == [str(tmp_path / "real.png")]
 
 
@@ -286,14 +286,14 @@ def test_data_on_device_trains_as_the_loader_does(runs):
 
 
 def test_data_on_device_refuses_what_does_not_fit(datasets_dir, monkeypatch):
-    monkeypatch.setattr(data, "free_memory", lambda device: 2 * 36 * 3 * 64 * 64 - 2)
-    dataset = data.build_dataset("folder", datasets_dir["folder"], 64, flip=False)
-    with pytest.raises(data.DatasetError, match="take 0.0 GiB as uint8, more than half of the"):
-        data.as_tensor(dataset, "cpu", decode=True)
-    monkeypatch.setattr(data, "free_memory", lambda device: 2 * 36 * 3 * 64 * 64)
-    stored = data.as_tensor(dataset, "cpu", decode=True)
+    monkeypatch.setattr(datasets, "free_memory", lambda device: 2 * 36 * 3 * 64 * 64 - 2)
+    dataset = datasets.build_dataset("folder", datasets_dir["folder"], 64, flip=False)
+    with pytest.raises(datasets.DatasetError, match="take 0.0 GiB as uint8, more than half of the"):
+        datasets.as_tensor(dataset, "cpu", decode=True)
+    monkeypatch.setattr(datasets, "free_memory", lambda device: 2 * 36 * 3 * 64 * 64)
+    stored = datasets.as_tensor(dataset, "cpu", decode=True)
     assert stored.dtype == torch.uint8 and torch.equal(stored[5], dataset.pixels(5))
-    assert data.as_tensor(dataset, "cpu") is None  # decoding them all only when asked
+    assert datasets.as_tensor(dataset, "cpu") is None  # decoding them all only when asked
 
 
 @pytest.mark.slow

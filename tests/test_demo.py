@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from data import digits_array
+from datasets import digits_array
 from score import Evaluator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

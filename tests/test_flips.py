@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import batches
-import data
+import datasets
 import diffusion
 import main
 import streams
@@ -37,9 +37,9 @@ def folder_args(folder):
 
 
 def test_an_image_folder_flips_by_default():
-    """The CLI flips what data.default_flip says; the CLI tests below rely on folders flipping."""
-    assert data.default_flip("folder") and data.default_flip("cifar10")
-    assert not data.default_flip("digits")
+    """The CLI flips what datasets.default_flip says; the CLI tests below rely on folders flipping."""
+    assert datasets.default_flip("folder") and datasets.default_flip("cifar10")
+    assert not datasets.default_flip("digits")
 
 
 def recorded_batches(monkeypatch, tmp_path, *args):
@@ -79,7 +79,7 @@ def test_flips_follow_the_seeded_mask_in_every_micro_batch(folder, monkeypatch, 
     always happen, flip the wrong axis, or take micro-batch 0's slice of the mask for every
     micro-batch."""
     seen = recorded_batches(monkeypatch, tmp_path, *folder_args(folder), "--accum_steps", "2")
-    dataset = data.build_dataset("folder", folder, 8, train=True, flip=False, channels=3)
+    dataset = datasets.build_dataset("folder", folder, 8, train=True, flip=False, channels=3)
     expected, masks = expected_batches(dataset, accum_steps=2)
     assert len(seen) == len(expected) == 2 * STEPS
     for ours, theirs in zip(seen, expected):
@@ -93,13 +93,13 @@ def test_data_on_device_gives_the_loaders_images_and_flips(monkeypatch, tmp_path
     """--data_on_device (digits held whole as one tensor) against the data loader, flips on:
     the same images, mirrored the same way, at every micro-batch. Catches a device path that
     skips the flips or cuts other images."""
-    monkeypatch.setattr(data, "default_flip", lambda name: True)  # digits do not flip by default
+    monkeypatch.setattr(datasets, "default_flip", lambda name: True)  # digits do not flip by default
     loader = recorded_batches(monkeypatch, tmp_path / "loader", "--accum_steps", "2")
     device = recorded_batches(monkeypatch, tmp_path / "device", "--accum_steps", "2", "--data_on_device")
     assert len(loader) == len(device) == 2 * STEPS
     for ours, theirs in zip(device, loader):
         assert torch.equal(ours, theirs)
-    dataset = data.build_dataset("digits", None, 8, train=True, flip=False)
+    dataset = datasets.build_dataset("digits", None, 8, train=True, flip=False)
     expected, _ = expected_batches(dataset, accum_steps=2)
     for ours, theirs in zip(device, expected):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

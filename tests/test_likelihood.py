@@ -15,7 +15,7 @@ from scipy import integrate
 from scipy.stats import norm
 
 from bpd import bpd_sums, calc_bpd_loop, save_bpd
-from data import digits_array
+from datasets import digits_array
 from diffusion import (GaussianDiffusion, GaussianDiffusionSampler, GaussianDiffusionTrainer,
                        beta_schedule, discretized_gaussian_log_likelihood, normal_kl)
 from model import UNet

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from pytorch_gan_metrics.core import calculate_frechet_distance, calculate_inception_score
 
-import data
+import datasets
 from score import (Evaluator, ScoreError, frechet_distance, gather, inception_score, load_images,
                    load_statistics, quantize, save_images, statistics)
 from score import digits, fid_cache, inception
@@ -241,14 +241,14 @@ def test_digits_classifier_is_cached_deterministic_and_leaves_the_rng_alone(clas
     cached = digits.load_classifier(classifier)
     for a, b in zip(retrained.state_dict().values(), cached.state_dict().values()):
         assert torch.equal(a, b)
-    images, labels = data.digits_array(train=False)
+    images, labels = datasets.digits_array(train=False)
     accuracy = (cached(torch.from_numpy(images))[1].argmax(1).numpy() == labels).mean()
     assert accuracy > 0.97  # measured 0.993
 
 
 def test_digits_score_separates_real_digits_from_noise(classifier):
     evaluator = Evaluator("digits", digits_classifier=classifier)
-    held_out = torch.from_numpy(data.digits_array(train=False)[0])
+    held_out = torch.from_numpy(datasets.digits_array(train=False)[0])
     noise = torch.rand(len(held_out), 1, 8, 8, generator=torch.Generator().manual_seed(9))
     real = evaluator.score(*evaluator.features(held_out))
     fake = evaluator.score(*evaluator.features(noise))
@@ -266,7 +266,7 @@ def rank_worker(rank, world_size, rendezvous, classifier, out):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=world_size)
     try:
-        images = torch.from_numpy(data.digits_array(train=False)[0])
+        images = torch.from_numpy(datasets.digits_array(train=False)[0])
         share = images.tensor_split(world_size)[rank]  # 149 and 148 images: unequal on purpose
         evaluator = Evaluator("digits", digits_classifier=classifier)
         features, logits = (gather(t) for t in evaluator.features(share))
@@ -282,7 +282,7 @@ def test_two_gloo_ranks_match_one_process(classifier, tmp_path):
              nprocs=2)
     evaluator = Evaluator("digits", digits_classifier=classifier)
     assert gather(torch.ones(3)).shape == (3,)  # no process group: identity
-    features, logits = evaluator.features(torch.from_numpy(data.digits_array(train=False)[0]))
+    features, logits = evaluator.features(torch.from_numpy(datasets.digits_array(train=False)[0]))
     expected = evaluator.score(features, logits)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import batches
-import data
+import datasets
 import speed
 import train
 
@@ -115,8 +115,8 @@ def test_batches_on_the_device_are_the_loaders_batches():
     permutation the loader follows: the same images in the same order, over an epoch boundary,
     for every rank and micro-batch. Catches a device path that reshuffles, takes another slice
     or scales pixels differently."""
-    dataset = data.build_dataset("digits", None, 8, train=True, flip=False)
-    stored = data.as_tensor(dataset)
+    dataset = datasets.build_dataset("digits", None, 8, train=True, flip=False)
+    stored = datasets.as_tensor(dataset)
     assert stored is not None
     per_epoch = len(dataset) // 96
     for rank in (0, 1):

@@ -15,7 +15,7 @@ from PIL import Image
 
 import checkpoint
 import convert
-import data
+import datasets
 import evaluate
 import files
 import lock
@@ -116,7 +116,7 @@ READERS = {  # what reads a user's file: (the file's name, the call, the error i
                     lambda path: convert.read_weights(os.path.dirname(path)), convert.ConversionError),
     "pickled weights": ("diffusion_pytorch_model.bin",
                         lambda path: convert.read_weights(os.path.dirname(path)), convert.ConversionError),
-    "interpolation image": ("a.png", interp_image, data.DatasetError),
+    "interpolation image": ("a.png", interp_image, datasets.DatasetError),
     "FID statistics": ("stats.npz", lambda path: load_statistics(path, "make them"), ScoreError),
     "images to score": ("x.png", lambda path: load_images(os.path.dirname(path)), ScoreError),
 }
@@ -201,7 +201,7 @@ def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     for i, image in enumerate(pixels):
         Image.fromarray(image).save(tmp_path / f"{i}.png")
     assert Image.open(tmp_path / "0.png").mode == "I;16"
-    dataset = data.ImageFiles(str(tmp_path), img_size=8, flip=False, channels=1)
+    dataset = datasets.ImageFiles(str(tmp_path), img_size=8, flip=False, channels=1)
     expected = np.rint(pixels.astype(np.float64) * 255 / 65535)
     for i in range(3):
         np.testing.assert_array_equal(dataset.pixels(i)[0].numpy(), expected[i])
@@ -211,8 +211,8 @@ def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped(tmp_path):
 
 def test_pixels_of_no_known_range_are_one_line(tmp_path):
     Image.fromarray(np.full((8, 8), 70000, dtype=np.int32)).save(tmp_path / "deep.tiff")
-    dataset = data.ImageFiles(str(tmp_path), img_size=8, flip=False, channels=1)
-    with pytest.raises(data.DatasetError, match="deep.tiff: its pixels are 32-bit integer"):
+    dataset = datasets.ImageFiles(str(tmp_path), img_size=8, flip=False, channels=1)
+    with pytest.raises(datasets.DatasetError, match="deep.tiff: its pixels are 32-bit integer"):
         dataset.pixels(0)
 
 
