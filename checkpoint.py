@@ -20,6 +20,7 @@ import torch
 import builders
 import config
 import files
+import logdir_files
 import model
 from errors import UserError
 
@@ -165,7 +166,7 @@ def layout_of(state, path, override=None):
 def config_beside(path):
     """The Config of the flagfile.txt beside a checkpoint, or None where there is none or it
     does not name the network's shape (then the weights' shapes tell it)."""
-    flagfile = os.path.join(os.path.dirname(path), "flagfile.txt")
+    flagfile = logdir_files.flagfile_path(os.path.dirname(path))
     if not os.path.exists(flagfile):
         return None
     text = files.read_text(flagfile)
@@ -197,7 +198,7 @@ def load_model(path, ema=True, device="cpu", layout=None):
     shapes of the weights.
     """
     if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
+        path = logdir_files.ckpt_path(path)
     state = load(path)
     key = "ema_model" if ema else "net_model"
     if key not in state:
@@ -207,3 +208,14 @@ def load_model(path, ema=True, device="cpu", layout=None):
     net = builders.build_model(found.model, found.diffusion, layout=layout_of(state, path, layout))
     load_weights(net, weights, path)
     return net.to(device).eval()
+
+
+def load_ema(config, device):
+    """The EMA network of the configuration's <logdir>/ckpt.pt, its step, and the checkpoint's
+    short sha256."""
+    path = logdir_files.ckpt_path(config.run.logdir)
+    # the hash of the bytes loaded: a training run may save a new ckpt.pt meanwhile
+    state, sha256 = load_hashed(path, required=("ema_model",))
+    ema = builders.build_model(config.model, config.diffusion, layout_of(state, path, config.model.layout))
+    load_weights(ema, state["ema_model"], path)
+    return ema.to(device).eval(), state.get("step"), sha256[:12]

@@ -114,6 +114,11 @@ class ModelConfig(Section):
     img_size: int = option(32, "image height and width")
     img_channels: int = option(3, "image channels: 3 (RGB) or 1 (grayscale)")
 
+    @property
+    def image_shape(self):
+        """(C, H, W) of one image the network takes and gives."""
+        return (self.img_channels, self.img_size, self.img_size)
+
     def check(self):
         if self.layout in model.LAYOUT_ALIASES:
             object.__setattr__(self, "layout", model.LAYOUT_ALIASES[self.layout])
@@ -290,6 +295,11 @@ class EvalConfig(Section):
     inception_weights: Optional[str] = option(None, "pt_inception-2015-12-05-6726825d.pth "
                                               "(unset: $TORCH_HOME/hub/checkpoints/)")
     fid_quantize: bool = option(True, "round samples to 8 bits before scoring, as a saved PNG is")
+
+    @property
+    def statistics(self):
+        """The FID statistics file, or None where they are computed here (empty --fid_cache)."""
+        return self.fid_cache or None
 
     def check(self):
         positive(self, "num_images", "eval_batch_size", "eval_num_images")

@@ -48,6 +48,7 @@ import torch
 import checkpoint
 import files
 import lock
+import logdir_files
 import model
 from builders import build_model
 from config import Config, ConfigError, flagfile_text
@@ -80,7 +81,7 @@ ATTENTION_NAMES = {"group_norm": "group_norm", "proj_q": "to_q", "proj_k": "to_k
 # Attention names of diffusers checkpoints saved before its attention rewrite.
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 EMBEDDING_TABLE = "time_embedding.timembedding.0.weight"  # computed here, on the fly there
-RUN_FILES = ("flagfile.txt", "ckpt.pt")  # what import writes; a logdir holding either holds a run
+RUN_FILES = (logdir_files.FLAGFILE, logdir_files.CKPT)  # what import writes; a logdir holding either holds a run
 # The schedule and the timestep embedding table have a row per diffusion step: a larger count in
 # an untrusted scheduler config would only ask for memory (the official models have 1000).
 MAX_TIMESTEPS = 100_000
@@ -313,8 +314,8 @@ def write_run(logdir, flagfile, state, force):
         if fresh:
             made.append(lock_file)
         check_logdir(logdir, force)  # again: another command may have written there meanwhile
-        files.write_bytes(os.path.join(stage, "flagfile.txt"), flagfile)
-        checkpoint.save(os.path.join(stage, "ckpt.pt"), state)
+        files.write_bytes(logdir_files.flagfile_path(stage), flagfile)
+        checkpoint.save(logdir_files.ckpt_path(stage), state)
         move_in(stage, logdir, RUN_FILES)
 
 
@@ -635,7 +636,7 @@ def import_diffusers(source, logdir, dataset=None, force=False):
     write_run(logdir, flagfile_text(converted).encode(), state, force)
     for note in notes:
         print(note, file=sys.stderr)
-    return os.path.join(logdir, "ckpt.pt"), os.path.join(logdir, "flagfile.txt")
+    return logdir_files.ckpt_path(logdir), logdir_files.flagfile_path(logdir)
 
 
 # ---------------------------------------------------------------------------------- export
@@ -689,7 +690,7 @@ def pipeline_configs(saved):
 def export_diffusers(logdir, out):
     """Write a diffusers DDPMPipeline folder of the EMA model in <logdir> as out (a new or an
     empty folder), whole or not at all."""
-    flagfile = os.path.join(logdir, "flagfile.txt")
+    flagfile = logdir_files.flagfile_path(logdir)
     if not os.path.exists(flagfile):
         raise ConversionError(f"{flagfile} does not exist: the schedule and image size are read from it")
     check_out(out)

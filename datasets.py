@@ -330,6 +330,12 @@ def build_dataset(name, root, img_size, train=True, flip=None, channels=None):
     return ImageFiles(root, img_size, flip, channels)
 
 
+def configured(data, model, train=True, flip=None):
+    """The dataset of a DataConfig at a ModelConfig's image size and channels."""
+    return build_dataset(data.dataset, data.data_root, model.img_size, train=train, flip=flip,
+                         channels=model.img_channels)
+
+
 def worker_error(error):
     """A DatasetError raised in a loader worker arrives with the worker's traceback in its
     message: the error with its one line again."""

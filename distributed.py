@@ -483,3 +483,8 @@ def spawn(fn, nprocs, *args):
             sys.exit(error.exit_code)
         sys.exit(f"error: worker process {error.error_index} exited with code {error.exit_code}; "
                  "the other workers were stopped")
+
+
+def my_block(count):
+    """This process's contiguous share [first, last) of count items."""
+    return count * rank() // world_size(), count * (rank() + 1) // world_size()

@@ -79,3 +79,10 @@ def hold(logdir, command=None):
     file.write(json.dumps(record).encode())
     file.flush()
     _held[key] = file
+
+
+def release_all():
+    """Give up every lock this process holds: for a caller that runs several commands in its
+    own process, one after another (the tests), as each process's exit would."""
+    while _held:
+        _held.popitem()[1].close()

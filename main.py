@@ -6,159 +6,31 @@
 
 Any flag overrides the flagfile's; CUDA_VISIBLE_DEVICES=0,1 ... --nprocs=2 trains on two GPUs.
 """
-import contextlib
 import os
 import sys
-import textwrap
-import typing
 
 import signals
 
 if __name__ == "__main__":  # Ctrl-C while the modules below load: one line, not a traceback
     signals.exit_at_once()
 
-from absl import app, flags
+from absl import app
 
+import cli
 import config
 import datasets
 import distributed
 import files
 import lock
+import logdir_files
 import memory
+from cli import FLAGS, configuration_from_flags
 from config import ConfigError
 from errors import UserError
 
-FLAGS = flags.FLAGS
-LEGACY_TITLE = "Accepted for the earlier port's flagfiles"
 # Where a machine keeps the data and how it loads it may differ between the nodes of a job;
 # any other flag that differs would train apart, or deadlock in a collective, under one flagfile.
 PER_NODE_FLAGS = ("data_root", "num_workers")
-
-
-def define_flag(item, kind):
-    """The absl flag of one configuration field, from its type, default, help and choices."""
-    name, default, help_text = item.name, item.default, item.metadata["help"]
-    if item.metadata["choices"]:
-        flags.DEFINE_enum(name, default, list(item.metadata["choices"]), help_text)
-    elif kind in (bool, typing.Optional[bool]):
-        flags.DEFINE_bool(name, default, help_text)
-    elif kind is int:
-        flags.DEFINE_integer(name, default, help_text)
-    elif kind is float:
-        flags.DEFINE_float(name, default, help_text)
-    elif name in config.MULTI_FLAGS:
-        flags.DEFINE_multi_integer(name, list(default), help_text)
-    elif kind == tuple[str, ...]:
-        flags.DEFINE_list(name, list(default), help_text)
-    else:
-        flags.DEFINE_string(name, default, help_text)
-
-
-for _section in config.SECTIONS.values():
-    for _item in config.dataclasses.fields(_section):
-        define_flag(_item, config.field_types(_section)[_item.name])
-flags.DEFINE_bool("parallel", None, "accepted for the earlier port's flagfiles and ignored: "
-                  "processes are set with --nprocs")
-flags.DEFINE_bool("fid_use_torch", False, "accepted for the seed's flagfiles; the Frechet "
-                  "distance is always the exact float64 one, on the evaluation device")
-LEGACY_FLAGS = ("parallel", "fid_use_torch")
-
-
-def list_flags_from_last_source(argv):
-    """absl appends every occurrence of a multi-valued flag, so `--flagfile f --ch_mult 1`
-    would extend f's list instead of replacing it. Here the last source that names a list
-    flag (a flagfile, or the command line after it) replaces what came before."""
-    args = []
-    for arg in argv[1:]:  # "--flagfile PATH" -> "--flagfile=PATH"
-        if args and args[-1] in ("--flagfile", "-flagfile"):
-            args[-1] = f"--flagfile={arg}"
-        else:
-            args.append(arg)
-    segments, command_line = [], []
-    for arg in args:
-        if arg.startswith(("--flagfile=", "-flagfile=")):
-            segments += [command_line, read_flagfile_args(arg.partition("=")[2])]
-            command_line = []
-        else:
-            command_line.append(arg)
-    segments.append(command_line)
-
-    def names(segment):
-        return {arg.lstrip("-").split("=")[0] for arg in segment if arg.startswith("-")}
-
-    kept = []
-    for index, segment in enumerate(segments):
-        later = set().union(*map(names, segments[index + 1:]))
-        skip_value = False
-        for arg in segment:
-            if skip_value:
-                skip_value = False
-                continue
-            name = arg.lstrip("-").split("=")[0] if arg.startswith("-") else None
-            if name in config.MULTI_FLAGS and name in later:
-                skip_value = "=" not in arg
-                continue
-            kept.append(arg)
-    return [argv[0]] + kept
-
-
-def read_flagfile_args(path):
-    """A flagfile's arguments, as absl reads them; a file that is not UTF-8 text, or not a
-    regular file (a FIFO would block absl's read, /dev/zero never end it), is one line."""
-    if os.path.lexists(path):
-        files.read_text(path)
-    return FLAGS.read_flags_from_files([f"--flagfile={path}"], force_gnu=False)
-
-
-def print_help():
-    """--help: what the program does, its common commands, then the flags by section."""
-    print(__doc__)
-    groups = [(section.TITLE, [item.name for item in config.dataclasses.fields(section)])
-              for section in config.SECTIONS.values()] + [(LEGACY_TITLE, list(LEGACY_FLAGS))]
-    for title, names in groups:
-        print(f"{title}:")
-        for name in names:
-            flag = FLAGS[name]
-            default = "" if flag.default is None else f" (default: {flag.default_as_str.strip(chr(39))})"
-            print(textwrap.fill(f"--{name}: {' '.join(flag.help.split())}{default}", width=100,
-                                initial_indent="  ", subsequent_indent="      "))
-        print()
-    print("--helpfull lists absl's own flags too.")
-
-
-def parse_flags(argv):
-    if any(arg in ("-h", "-help", "--help", "-helpshort", "--helpshort", "-?") for arg in argv[1:]):
-        print_help()
-        sys.exit(0)
-    try:
-        return FLAGS(list_flags_from_last_source(argv))
-    except flags.Error as error:  # a missing flagfile, a bad enum value, a malformed number
-        exit_at_start(str(error).replace('ERROR:: ', ''))
-    except UserError as error:
-        exit_at_start(str(error))
-
-
-def exit_at_start(line):
-    """Ends the command with its one error line, once the other processes of a torchrun job
-    know (they would otherwise wait for this one until their start-up deadline)."""
-    distributed.report_start_failure(line)
-    sys.exit(f"error: {line}")
-
-
-def configuration_from_flags():
-    """The Config of the parsed flags, each section checked by its own code."""
-    return config.Config.make(**{name: FLAGS[name].value for name in config.FIELD_SECTIONS})
-
-
-def configuration(argv):
-    """The Config of a command line (argv[0] is the program's name), as main.py would run it;
-    the flags are left unparsed. For scripts and tests that start a run in their own process."""
-    FLAGS.unparse_flags()
-    try:
-        parse_flags(argv)
-        return configuration_from_flags()
-    finally:
-        FLAGS.unparse_flags()
 
 
 def resolve_device(device):
@@ -169,21 +41,6 @@ def resolve_device(device):
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device=cuda but no CUDA device is visible")
     return device
-
-
-def check_writable(folder):
-    """--logdir can be written, checked without making it: a probe file in it, or in its nearest
-    existing parent while it is still to be made (rank 0 makes it once every check passed)."""
-    existing = os.path.abspath(folder)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    try:
-        probe = os.path.join(existing, f".write_test.{os.getpid()}")  # one per process: no race
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as error:
-        raise ConfigError(f"--logdir {folder} is not writable: {error.strerror}") from None
 
 
 def compare_with_saved_flags(run_config, path):
@@ -207,7 +64,7 @@ def compare_with_saved_flags(run_config, path):
 
 def check_resume_flags(run_config):
     """--resume: refuse a change of the network or diffusion, and list the other changes."""
-    path = os.path.join(run_config.run.logdir, "flagfile.txt")
+    path = logdir_files.flagfile_path(run_config.run.logdir)
     if not os.path.exists(path):  # the earlier port's runs have none
         return
     fixed, changed = compare_with_saved_flags(run_config, path)
@@ -236,8 +93,8 @@ def validate(run_config, world_size, device_type):
         if run_config.run.nprocs > visible:
             raise ConfigError(f"--nprocs {run_config.run.nprocs} exceeds the {visible} visible GPU(s); "
                               "set CUDA_VISIBLE_DEVICES or lower --nprocs")
-    check_writable(logdir)
-    ckpt_path = os.path.join(logdir, "ckpt.pt")
+    logdir_files.check_writable(logdir)
+    ckpt_path = logdir_files.ckpt_path(logdir)
     if actions.train and not actions.resume and os.path.exists(ckpt_path):
         raise ConfigError(f"{ckpt_path} exists: pass --resume to continue that run, or choose "
                           "another --logdir; nothing was overwritten")
@@ -272,6 +129,7 @@ def run(rank, world_size, run_config, device_type):
     the exit status is 128 + the signal's number.
     """
     import evaluate
+    import inspection
     import train
     signals.stop_at_once()
     distributed.setup(rank, world_size, device_type)
@@ -284,9 +142,9 @@ def run(rank, world_size, run_config, device_type):
         if actions.eval:
             evaluate.evaluate(run_config, device_type)
         if actions.bpd:
-            evaluate.bits_per_dim(run_config, device_type)
+            inspection.bits_per_dim(run_config, device_type)
         if actions.progressive_every > 0 or actions.interp_t:
-            evaluate.look_inside(run_config, device_type)
+            inspection.look_inside(run_config, device_type)
     except RuntimeError as error:  # a dead peer: one line instead of the backend's traceback
         lost = distributed.peer_lost(error)
         if lost is None:
@@ -306,54 +164,6 @@ def spawned(rank, world_size, run_config, device_type):
         signals.exit_stopped(stopped.args[0], say=rank == 0)
 
 
-class StartUpFiles:
-    """What start-up made in the logdir (rank 0): its folders, when new, and flagfile.txt.
-    take_back() removes them after a failed command unless something else came of it."""
-
-    def __init__(self):
-        self.logdir, self.folders, self.files = None, [], []
-
-    def take_back(self):
-        """Best effort: the command's own error is what it reports."""
-        if self.logdir is None:
-            return
-        ours = {os.path.basename(path) for path in self.files} | {lock.NAME}
-        with contextlib.suppress(OSError):
-            if set(os.listdir(self.logdir)) - ours:
-                return  # a checkpoint, TensorBoard's file, samples: kept, with the flagfile that explains them
-            for path in self.files:
-                os.remove(path)
-            if self.folders:
-                os.remove(os.path.join(self.logdir, lock.NAME))
-                for folder in self.folders:  # the deepest first
-                    os.rmdir(folder)
-
-
-def prepare_logdir(run_config, made):
-    """Rank 0, once its checks have passed: the logdir made if new and locked, stale temporary
-    files removed, flagfile.txt written; `made` (StartUpFiles) notes what this made."""
-    logdir, actions = run_config.run.logdir, run_config.actions
-    missing, folder = [], os.path.abspath(logdir)
-    while not os.path.lexists(folder):
-        missing.append(folder)
-        folder = os.path.dirname(folder)
-    try:
-        os.makedirs(logdir, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"--logdir {logdir} is not writable: {error.strerror}") from None
-    lock.hold(logdir)
-    made.logdir, made.folders = logdir, missing
-    if actions.train:
-        # a killed save's ckpt.pt.tmp would keep a full disk full
-        for name in files.remove_stale_temporaries(logdir):
-            print(f"note: removed {name} in {logdir}, left by an interrupted write", file=sys.stderr)
-    if actions.train and not actions.resume:
-        # replaces a stale file (a run that died before its first checkpoint) in one rename
-        path = os.path.join(logdir, "flagfile.txt")
-        files.write_bytes(path, config.flagfile_text(run_config).encode())
-        made.files.append(path)
-
-
 def start(launched, made, job=None):
     """Every check before any work, on every process: the configuration (under torchrun, the
     same as rank 0's: job, a distributed.JobStart), the machine, the logdir, the data; nothing
@@ -371,15 +181,15 @@ def start(launched, made, job=None):
     if first and os.path.isdir(logdir):  # one command per logdir: a busy one is said before the data is read
         lock.hold(logdir)
     if run_config.actions.train:  # a missing dataset fails here, once, before any process starts
-        datasets.build_dataset(run_config.data.dataset, run_config.data.data_root, run_config.model.img_size,
-                           train=True, channels=run_config.model.img_channels)
+        datasets.configured(run_config.data, run_config.model)
     if FLAGS["parallel"].present and first:
         print("note: --parallel / --noparallel of the earlier port is ignored; start processes "
               "with --nprocs", file=sys.stderr)
     if run_config.actions.train and not run_config.actions.resume:
         run_config = run_config.replace(layout=run_config.model.layout or "official")  # in flagfile.txt
     if first:
-        prepare_logdir(run_config, made)
+        actions = run_config.actions
+        logdir_files.prepare(logdir, actions.train, actions.resume, config.flagfile_text(run_config), made)
     return run_config, device_type, world_size
 
 
@@ -400,7 +210,7 @@ def main(argv):
     launched = distributed.launched_by_torchrun()
     if launched:  # a worker whose torchrun agent died (its node is lost) must not go on alone
         distributed.die_with_parent(os.getppid())
-    made = StartUpFiles()
+    made = logdir_files.StartUpFiles()
     try:
         try:
             with distributed.starting_together(start_failure_line) as job:
@@ -419,4 +229,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, __doc__))

@@ -21,6 +21,7 @@ import checkpoint
 import datasets
 import distributed
 import files
+import logdir_files
 import signals
 import speed
 from batches import GlobalBatchSampler, device_batches, loader_batches
@@ -173,7 +174,7 @@ def initial_state(config, fast, device, path, rank, world_size):
     net = speed.to_layout(build_model(config.model, config.diffusion, layout).to(device), fast)
     optimizer = speed.adam(net.parameters(), config.training.lr, fast)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=warmup_lr(config.training.warmup))
-    x_T = torch.randn((config.training.sample_size, *image_shape(config.model)),
+    x_T = torch.randn((config.training.sample_size, *config.model.image_shape),
                       generator=generator("cpu", config.run.seed, X_T))
     t_sampler = ImportanceSampler(config.diffusion.T) if config.training.t_sampling == "importance" else None
     state = TrainState(net, copy.deepcopy(net).eval().requires_grad_(False), optimizer, scheduler, 0, x_T,
@@ -182,10 +183,6 @@ def initial_state(config, fast, device, path, rank, world_size):
         state.restore(saved, path, config.training, rank, world_size)
     state.x_T = state.x_T.to(device)
     return state
-
-
-def image_shape(model):
-    return (model.img_channels, model.img_size, model.img_size)
 
 
 class BadSteps:
@@ -229,7 +226,7 @@ def train_step(state, trainer, ddp_net, batches, config, rank, world_size):
     micro_batch = training.batch_size // (world_size * accum)
     sampler = state.t_sampler
     probabilities = None if sampler is None else sampler.probabilities()
-    flip, t, noise = step_draws(config.run.seed, state.step, training.batch_size, image_shape(config.model),
+    flip, t, noise = step_draws(config.run.seed, state.step, training.batch_size, config.model.image_shape,
                                 config.diffusion.T, state.x_T.device, probabilities)
     loss_sum, recorded = 0.0, []
     for micro in range(accum):
@@ -337,9 +334,8 @@ def train(config, device_type):
     is_main, training, logdir = rank == 0, config.training, config.run.logdir
     fast = speed.resolve(config.fast, device_type, world_size)
     torch.manual_seed(stream_seed(config.run.seed, rank))  # dropout; restored on resume
-    dataset = datasets.build_dataset(config.data.dataset, config.data.data_root, config.model.img_size, train=True,
-                                 flip=False, channels=config.model.img_channels)
-    ckpt_path = os.path.join(logdir, "ckpt.pt")
+    dataset = datasets.configured(config.data, config.model, flip=False)
+    ckpt_path = logdir_files.ckpt_path(logdir)
     state = initial_state(config, fast, device, ckpt_path, rank, world_size)
     if state.step >= training.total_steps:  # a resumed run that is done: nothing to train or write
         if is_main:

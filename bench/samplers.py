@@ -29,6 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 from builders import build_sampler  # noqa: E402
 from config import Config  # noqa: E402
@@ -106,7 +107,7 @@ def main():
     device = torch.device(args.device)
     base = Config.from_flagfile_text(read_text(os.path.join(args.logdir, "flagfile.txt")), logdir=args.logdir,
                                      num_images=args.num_images, eval_batch_size=args.batch)
-    ema, step, ckpt_sha256 = evaluate.load_ema(base, device)
+    ema, step, ckpt_sha256 = checkpoint.load_ema(base, device)
     evaluator = evaluate.make_evaluator(base, device)
     done = []
     if os.path.exists(out):

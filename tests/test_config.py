@@ -13,6 +13,7 @@ import config
 import evaluate
 import main
 import speed
+import cli
 from config import Config, ConfigError
 from sampling import SAMPLERS
 
@@ -41,8 +42,8 @@ def absl_flagfile(values):
 
 
 def test_every_flag_of_main_is_one_field_with_the_same_default():
-    own = {flag.name: flag for flag in main.FLAGS.get_flags_for_module(main)}
-    assert set(own) == set(config.FIELD_SECTIONS) | set(main.LEGACY_FLAGS)
+    own = {flag.name: flag for flag in main.FLAGS.get_flags_for_module(cli)}
+    assert set(own) == set(config.FIELD_SECTIONS) | set(cli.LEGACY_FLAGS)
     defaults = Config.make().values()
     for name, section in config.FIELD_SECTIONS.items():
         default = own[name].default
@@ -180,15 +181,16 @@ def test_a_flagfile_that_is_not_utf8_is_one_line(tmp_path, capsys):
     path = tmp_path / "flags.txt"
     path.write_bytes(b"--ch=32\n--logdir=\xff\xfe\n")
     with pytest.raises(SystemExit) as stop:
-        main.configuration(["main.py", f"--flagfile={path}", "--train"])
+        cli.configuration(["main.py", f"--flagfile={path}", "--train"])
     assert "is not UTF-8 text" in str(stop.value.code) and "\n" not in str(stop.value.code)
 
 
 def test_no_module_below_main_reads_the_flags():
-    """The flags end in main.py: every other module takes configurations."""
+    """The flags end in main.py and cli.py, which makes them: every other module takes
+    configurations."""
     for folder in (ROOT, os.path.join(ROOT, "score"), os.path.join(ROOT, "bench")):
         for name in os.listdir(folder):
-            if name.endswith(".py") and name != "main.py":
+            if name.endswith(".py") and name not in ("main.py", "cli.py"):
                 text = open(os.path.join(folder, name)).read()
                 assert not re.search(r"^\s*(from|import) absl|\bFLAGS\b", text, re.MULTILINE), name
     assert isinstance(flags.FLAGS, flags.FlagValues)

@@ -19,6 +19,7 @@ import torch
 import checkpoint
 import evaluate
 import streams
+from store import BatchStore, StoreError
 from builders import build_sampler
 from config import Config
 from diffusion import GaussianDiffusionSampler, beta_schedule
@@ -245,7 +246,7 @@ class Killed(Exception):
 
 def killed_after(monkeypatch, count, logdir, num_images, **values):
     """evaluate_here, stopped once `count` batches are finished; the store's folder."""
-    save, saved = evaluate.BatchStore.save, []
+    save, saved = BatchStore.save, []
 
     def save_then_die(store, i, tensors):
         save(store, i, tensors)
@@ -254,7 +255,7 @@ def killed_after(monkeypatch, count, logdir, num_images, **values):
             raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(evaluate.BatchStore, "save", save_then_die)
+        patch.setattr(BatchStore, "save", save_then_die)
         with pytest.raises(Killed):
             evaluate_here(logdir, num_images, **values)
     return saved[0]
@@ -309,7 +310,7 @@ def test_a_symlinked_eval_state_and_the_folder_it_points_to_outlive_the_store(tm
     logdir.mkdir()
     os.symlink(scratch, logdir / "eval_state")
     layout = {"grid": (torch.uint8, (1, 1, 2, 2))}
-    store = evaluate.BatchStore(str(logdir), {"any": "identity"}, lambda i: layout)
+    store = BatchStore(str(logdir), {"any": "identity"}, lambda i: layout)
     store.save(0, {"grid": torch.zeros((1, 1, 2, 2), dtype=torch.uint8)})
     assert store.finished(range(2)) == {0}
     store.remove()
@@ -321,17 +322,17 @@ def test_a_folder_at_the_stores_key_is_used_only_with_the_stores_identity(tmp_pa
     the store's (or, as written before stores were marked, the identity itself), so a folder
     of other files there is refused, untouched, rather than filled and deleted at the end."""
     layout = {"grid": (torch.uint8, (1, 1, 2, 2))}
-    store = evaluate.BatchStore(str(tmp_path), {"any": ["identity"]}, lambda i: layout)
+    store = BatchStore(str(tmp_path), {"any": ["identity"]}, lambda i: layout)
     store.save(0, {"grid": torch.zeros((1, 1, 2, 2), dtype=torch.uint8)})
     identity = os.path.join(store.folder, "identity.json")
     with open(identity, "w") as file:
         json.dump({"any": ["identity"]}, file)  # an unmarked store of this identity
-    again = evaluate.BatchStore(str(tmp_path), {"any": ["identity"]}, lambda i: layout)
+    again = BatchStore(str(tmp_path), {"any": ["identity"]}, lambda i: layout)
     assert again.finished(range(1)) == {0} and json.load(open(identity))["store"] == "ddpm-eval"
     os.remove(identity)
     before = tree(store.folder)
-    with pytest.raises(evaluate.StoreError, match="is not this evaluation's store"):
-        evaluate.BatchStore(str(tmp_path), {"any": ["identity"]}, lambda i: layout)
+    with pytest.raises(StoreError, match="is not this evaluation's store"):
+        BatchStore(str(tmp_path), {"any": ["identity"]}, lambda i: layout)
     assert tree(store.folder) == before
 
 
@@ -409,7 +410,7 @@ def test_finished_batches_are_found_in_one_listing_of_the_store(tmp_path):
     """--num_images 10^12 sat minutes checking 4 billion batch names one by one: the store lists
     its folder once, so that its finished batches of a huge range are found at once."""
     layout = {"grid": (torch.uint8, (1, 1, 2, 2))}
-    store = evaluate.BatchStore(str(tmp_path), {"huge": True}, lambda i: layout)
+    store = BatchStore(str(tmp_path), {"huge": True}, lambda i: layout)
     for i in (0, 7):
         store.save(i, {"grid": torch.zeros((1, 1, 2, 2), dtype=torch.uint8)})
     found = {}
@@ -475,7 +476,7 @@ def test_the_recorded_hash_is_that_of_the_checkpoint_loaded_while_a_run_saves_an
         return state
 
     monkeypatch.setattr(torch, "load", load_while_saving)
-    ema, step, sha256 = evaluate.load_ema(Config.from_flagfile_text(
+    ema, step, sha256 = checkpoint.load_ema(Config.from_flagfile_text(
         open(os.path.join(logdir, "flagfile.txt")).read(), logdir=logdir), "cpu")
     monkeypatch.undo()
     assert replaced and checkpoint.load(path)["step"] == saved["step"] + 1  # the race happened

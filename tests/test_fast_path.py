@@ -15,6 +15,7 @@ import torch
 
 import speed
 import train
+import cli
 from diffusion import GaussianDiffusionSampler, beta_schedule
 from test_main import TINY
 from test_speed import settings, tiny_unet
@@ -143,8 +144,7 @@ def test_training_runs_the_compiled_network_in_one_graph_without_recompiles(comp
     fails every step (a Python number taken from a tensor, a shape-dependent branch), a
     FastModel or train.py that calls the uncompiled network, and speed settings that do not
     reach the trainer."""
-    import main
-    train.train(main.configuration(["main.py", *TINY, "--train", "--logdir", str(tmp_path), "--total_steps", "4",
+    train.train(cli.configuration(["main.py", *TINY, "--train", "--logdir", str(tmp_path), "--total_steps", "4",
                                     "--sample_step", "0", "--save_step", "0", "--dropout", "0",
                                     "--compile", "--precision", "bf16", "--channels_last"]), "cpu")
     (call,) = [call for call in compile_calls if call.model.training]  # not the EMA sampler's

@@ -3,7 +3,6 @@ folders). The flip of image i of step s is bit i of a mask seeded by (--seed, s)
 global batch, which every process and micro-batch slices; these tests run a flip-on image
 folder through one process, two processes and gradient accumulation, and look at the
 flipped images themselves."""
-import os
 
 import numpy as np
 import pytest
@@ -13,9 +12,9 @@ from PIL import Image
 import batches
 import datasets
 import diffusion
-import main
 import streams
 import train
+import cli
 from test_main import TINY, assert_same_updates, run_main, weights
 
 STEPS, BATCH = 3, 16
@@ -51,7 +50,7 @@ def recorded_batches(monkeypatch, tmp_path, *args):
         seen.append(x_0.detach().clone())
         return FORWARD(self, x_0, t, noise)
     monkeypatch.setattr(diffusion.GaussianDiffusionTrainer, "forward", recording)
-    train.train(main.configuration(["main.py", *TINY, "--train", "--logdir", str(tmp_path), "--total_steps",
+    train.train(cli.configuration(["main.py", *TINY, "--train", "--logdir", str(tmp_path), "--total_steps",
                                     str(STEPS), "--sample_step", "0", "--save_step", "0", "--batch_size",
                                     str(BATCH), *args]), "cpu")
     return seen

@@ -247,10 +247,10 @@ def test_help_opens_with_the_common_commands_and_lists_every_flag_once_by_sectio
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("DDPM") and "--flagfile ./config/digits.cfg --train --eval" in result.stdout
-    import main
-    own = {flag.name for flag in main.FLAGS.get_flags_for_module(main)}
+    import cli
+    own = {flag.name for flag in cli.FLAGS.get_flags_for_module(cli)}
     listed = [line.split(":")[0].strip()[2:] for line in lines if line.startswith("  --")]
-    assert sorted(listed) == sorted(own)  # every flag of main.py, each once
+    assert sorted(listed) == sorted(own)  # every flag main.py defines (in cli.py), each once
     for title in ("UNet:", "Training:", "Evaluation:", "Data:"):
         assert title in lines
     assert lines.index("UNet:") < lines.index("  --ch: base channel count of the UNet (default: 128)")

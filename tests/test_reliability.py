@@ -24,6 +24,7 @@ import memory
 import speed
 import streams
 import train
+import cli
 from score import Evaluator, ScoreError, load_images
 from score.scorer import small_sample_warning
 from test_main import ROOT, TINY
@@ -139,7 +140,7 @@ def parse(tmp_path):
     """Parse TINY plus args into main's flags (in this process), reset afterwards."""
     def parse(*args):
         main.FLAGS.unparse_flags()
-        main.parse_flags(["main.py", *TINY, *args])
+        cli.parse_flags(["main.py", *TINY, *args])
     yield parse
     main.FLAGS.unparse_flags()
 
@@ -558,10 +559,10 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
 
 
 def in_process_config(tmp_path, **values):
-    """TINY's configuration, made in this process (main.configuration), with values on top."""
+    """TINY's configuration, made in this process (cli.configuration), with values on top."""
     args = [f"--{name}={value}" if not isinstance(value, bool) else f"--{'' if value else 'no'}{name}"
             for name, value in values.items()]
-    return main.configuration(["main.py", *TINY, "--logdir", str(tmp_path / "run"), *args])
+    return cli.configuration(["main.py", *TINY, "--logdir", str(tmp_path / "run"), *args])
 
 
 GB = 2 ** 30
@@ -599,7 +600,7 @@ def test_the_memory_estimate_is_a_lower_bound_of_the_network_built(tmp_path):
     """The meta-device count is the built network's bytes exactly, and the estimate of a run
     (weights, Adam, EMA, one feature map) lies below what training the paper's CIFAR10
     network holds, and lets it through: refusing it would be a false alarm."""
-    cifar = main.configuration(["main.py", "--flagfile", os.path.join(ROOT, "config", "cifar10_unet_example.cfg"),
+    cifar = cli.configuration(["main.py", "--flagfile", os.path.join(ROOT, "config", "cifar10_unet_example.cfg"),
                                 "--train", "--logdir", str(tmp_path / "run")])
     for run_config in (in_process_config(tmp_path), cifar):
         built = builders.build_model(run_config.model, run_config.diffusion)

@@ -16,9 +16,9 @@ from PIL import Image
 import checkpoint
 import convert
 import datasets
-import evaluate
 import files
 import lock
+import inspection
 from config import Config
 from score import ScoreError, load_images, load_statistics
 
@@ -105,7 +105,7 @@ def not_a_file(path, kind):
 
 def interp_image(path):
     config = Config.make(dataset="digits", img_size=8, img_channels=1)
-    evaluate.interpolation_image(config.model, path, dataset=None)
+    inspection.interpolation_image(config.model, path, dataset=None)
 
 
 READERS = {  # what reads a user's file: (the file's name, the call, the error it must raise)
