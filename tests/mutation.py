@@ -49,6 +49,7 @@ RECIPES = "test_recipes.py"
 MISFIT = "test_weights_that_are_not_exactly_the_configured_networks_are_refused_before_it_is_allocated"
 UNTRUSTED = "test_untrusted_files.py"
 ENDS = "test_schedule_ends.py"
+NEW_SAMPLER = "test_new_sampler.py"
 LOCK_TEST = "test_the_lock_follows_no_link_and_writes_nothing_but_its_own_regular_file"
 SIZES_TEST = "test_sizes_that_cannot_fit_are_one_line_with_the_bytes_before_anything_is_built"
 SIZES_T = "--T 1,000,000 needs at least 389.1 MB for the schedule alone"
@@ -441,7 +442,7 @@ MUTANTS = [
            tests_of(CONVERT, f"{MISFIT}[same_count_other_shape]")),
     Mutant("convert_allocates_before_the_check", "convert", "convert.py",
            'with torch.device("meta"):', 'with torch.device("cpu"):', tests_of(CONVERT, f"{MISFIT}[gigabytes]")),
-    Mutant("convert_config_kinds_unchecked", "convert", "convert.py",
+    Mutant("convert_config_kinds_unchecked", "convert", "diffusers_format.py",
            "    check_fields(config, UNET_FIELDS, REQUIRED_UNET_FIELDS)\n", "",
            tests_of(CONVERT, "test_a_malformed_config_is_one_line_naming_the_field_before_anything_is_built_or_read")),
     Mutant("convert_replaces_a_run_without_force", "convert", "convert.py",
@@ -505,6 +506,23 @@ MUTANTS = [
     Mutant("ema_warmup_off_by_one", "recipes", "train.py",
            "(1.0 + k) / (10.0 + k)", "(2.0 + k) / (11.0 + k)",
            tests_of(RECIPES, "test_ema_warmup_is_tensorflows_num_updates_rule_through_the_training_step")),
+    # ---- one place knows a sampler: its declarations reach the flags, the checks and the record
+    Mutant("sampler_option_range_unchecked", "samplers", "sampling.py",
+           "        if problem:\n            raise ValueError(problem)", "        if False:\n            raise ValueError(problem)",
+           tests_of(NEW_SAMPLER, "test_the_flags_take_a_registered_sampler_and_its_options_from_its_class")),
+    Mutant("unused_eta_ignored", "samplers", "sampling.py",
+           "if flag not in taken and values[flag] != OPTION_DEFAULTS[flag]:", "if False:",
+           tests_of(NEW_SAMPLER, "test_the_flags_take_a_registered_sampler_and_its_options_from_its_class")),
+    Mutant("solver_default_order_not_the_samplers", "samplers", "sampling.py",
+           "order = values[\"solver_order\"] or step_class.DEFAULT_ORDER", "order = values[\"solver_order\"] or 2",
+           tests_of("test_evaluation.py",
+                    "test_the_protocol_record_names_the_spacing_used_the_solver_order_and_ddims_eps")),
+    Mutant("sampler_record_fields_dropped", "samplers", "evaluate.py",
+           "record.update(sampler.step.record())", "record.update({})",
+           tests_of(NEW_SAMPLER, "test_a_registered_sampler_runs_through_a_resumable_eval_with_its_protocol_record")),
+    Mutant("sampler_words_not_the_samplers", "samplers", "evaluate.py",
+           "SAMPLERS.get(record[\"sampler\"], SamplerStep).describe(record)", "SamplerStep.describe(record)",
+           tests_of(NEW_SAMPLER, "test_a_registered_sampler_runs_through_a_resumable_eval_with_its_protocol_record")),
 ]
 
 
