@@ -179,7 +179,7 @@ def evaluate(config, device_type):
     ema, step, ckpt_sha256 = load_ema(config, device)
     net, sampler = speed.wrap(speed.to_layout(ema, fast), fast), build_sampler(config.sampling, config.diffusion)
     sampler = sampler.to(device)
-    widths = feature_widths(evaluator, config, device) if evaluator is not None else None
+    widths = feature_widths(evaluator, config.model, device) if evaluator is not None else None
     store = BatchStore(config.run.logdir, store_identity(config, ckpt_sha256, ema.layout, fast, evaluator),
                        lambda i: batch_layout(config, widths, i))
     num_batches = -(-config.eval.num_images // config.eval.eval_batch_size)
@@ -205,15 +205,14 @@ def evaluate(config, device_type):
         store.remove()
 
 
-def saves_to_folder(config):
-    path = config.actions.save_samples
+def saves_to_folder(path):
+    """Whether --save_samples names a folder of PNGs (else an .npz file, or nothing)."""
     return bool(path) and not path.endswith(".npz")
 
 
-def feature_widths(evaluator, config, device):
-    """(D, K): how many features and logits the feature network gives per image of this model."""
-    blank = torch.zeros((1, *config.model.image_shape), device=device)
-    features, logits = evaluator.features(blank)
+def feature_widths(evaluator, model, device):
+    """(D, K): how many features and logits the feature network gives per image of a ModelConfig."""
+    features, logits = evaluator.features(torch.zeros((1, *model.image_shape), device=device))
     return features.shape[1], logits.shape[1]
 
 
@@ -225,7 +224,7 @@ def batch_layout(config, widths, i):
     layout = {}
     if widths is not None:
         layout.update(features=(torch.float32, (size, widths[0])), logits=(torch.float32, (size, widths[1])))
-    if config.actions.save_samples and not saves_to_folder(config):
+    if config.actions.save_samples and not saves_to_folder(config.actions.save_samples):
         layout["samples"] = (torch.uint8, (size, *image))
     if i * batch < GRID_IMAGES:
         layout["grid"] = (torch.uint8, (min(size, GRID_IMAGES - i * batch), *image))
@@ -241,10 +240,11 @@ def batch_record(config, evaluator, i, images):
         features, logits = evaluator.features(images)
         record.update(features=features.float().cpu(), logits=logits.float().cpu())
     samples = to_uint8(images).cpu()
-    if config.actions.save_samples and not saves_to_folder(config):
+    path = config.actions.save_samples
+    if path and not saves_to_folder(path):
         record["samples"] = samples
-    elif saves_to_folder(config):
-        save_images(images.cpu(), config.actions.save_samples, start=i * batch)
+    elif saves_to_folder(path):
+        save_images(images.cpu(), path, start=i * batch)
     if i * batch < GRID_IMAGES:
         record["grid"] = samples[:GRID_IMAGES - i * batch]
     return record
@@ -257,7 +257,7 @@ def write_samples(config, store, num_batches):
     grid_path = os.path.join(config.run.logdir, logdir_files.SAMPLES_GRID)
     files.save_png(grid(first.float() / 127.5 - 1), grid_path)
     print(f"wrote {grid_path} (the first {len(first)} samples)")
-    if path and not saves_to_folder(config):
+    if path and not saves_to_folder(path):
         write_npz(path, (store.load(i)["samples"] for i in range(num_batches)),
                   (config.eval.num_images, model.img_size, model.img_size, model.img_channels))
     if path:
