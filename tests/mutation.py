@@ -542,7 +542,9 @@ def run_tests(copy, tests, timeout):
     """(exit status, the first failing test or an excerpt of the output, seconds)."""
     start = time.time()
     try:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+        # -n 0: one process (pytest.ini runs the suite on every core)
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider",
+                                 *tests],
                                 cwd=copy, capture_output=True, text=True, timeout=timeout,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     except subprocess.TimeoutExpired:

@@ -9,21 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_main import run_main
+from conftest import run_main, run_main_process
 
-pytestmark = pytest.mark.slow  # each test starts main.py several times
+pytestmark = pytest.mark.slow  # each test runs main.py's command several times
 EVAL = ["--notrain", "--eval", "--num_images", "16", "--eval_batch_size", "4", "--device", "cpu"]
 TWO = ["--nprocs", "2"]
 BPD = ["--bpd", "--bpd_num_images", "12"]  # 3 batches of 4: 2 on one process, 1 on the other
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A logdir after 2 training steps that scored its EMA model at step 2 (--eval_step)."""
-    logdir = str(tmp_path_factory.mktemp("cli") / "trained")
-    run_main("--train", "--logdir", logdir, "--total_steps", "2", "--save_step", "0", "--sample_step", "0",
-             "--eval_step", "2", "--eval_num_images", "16", "--eval_batch_size", "8")
-    return logdir
 
 
 def scores(logdir):
@@ -40,6 +31,7 @@ def png_folder(path):
 def test_eval_step_scores_the_ema_model_during_training(trained):
     """--eval_step 2 in a 2-step run: one evaluation, at step 2. Catches the flag never
     reaching the loop, or an evaluation at the wrong steps."""
+    # conftest's `trained`: a logdir after 2 training steps that scored its EMA model at step 2
     (line,) = scores(trained)
     assert line["step"] == 2 and {"FID", "IS", "IS_std"} <= set(line)
     assert 0 < line["FID"] < 1e4 and 1 <= line["IS"] <= 10
@@ -58,7 +50,8 @@ def evaluated(trained, tmp_path_factory):
         logdirs[name] = str(tmp_path_factory.mktemp("cli") / name)
         shutil.copytree(trained, logdirs[name])
         target = os.path.join(logdirs[name], "samples" + (".npz" if name.startswith("npz") else ""))
-        run_main(*EVAL, "--logdir", logdirs[name], "--save_samples", target, *extra)
+        run = run_main_process if "--nprocs" in extra else run_main  # two processes: their own command
+        run(*EVAL, "--logdir", logdirs[name], "--save_samples", target, *extra)
     return logdirs
 
 

@@ -17,7 +17,7 @@ import cli
 from config import Config, ConfigError
 from sampling import SAMPLERS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 # Every kind of field away from its default: lists, bools, None, strings, floats.
 CHANGED = dict(ch=64, ch_mult=(1, 2, 2), attn=(0, 2), num_res_blocks=1, dropout=0.0, layout="port",
                img_size=16, img_channels=1, beta_schedule="cosine", T=400, mean_type="xstart",

@@ -23,9 +23,9 @@ from config import parse_flags_text
 
 diffusers = pytest.importorskip("diffusers")
 from safetensors.torch import load_file, save_file  # noqa: E402  (diffusers brings safetensors)
-from test_pretrained import OFFICIAL, TINY, assert_same_outputs, diffusers_unet, perturb  # noqa: E402
+from test_pretrained import OFFICIAL, TINY_UNET_50, assert_same_outputs, diffusers_unet, perturb  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 # the smallest official-family UNet2DModel: two levels, attention at the second
 SMALL = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
              down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -257,6 +257,7 @@ convert.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow  # a process of its own
 def test_sigterm_during_an_import_leaves_nothing_and_exits_143(pipeline, tmp_path):
     logdir = tmp_path / "runs" / "run"
     process = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(pipeline), "--logdir", str(logdir)],
@@ -280,7 +281,7 @@ def trained(tmp_path):
     """A logdir of a small official-layout run."""
     logdir = tmp_path / "trained"
     logdir.mkdir()
-    net = perturb(model.UNet(**TINY, layout="official"), seed=2)
+    net = perturb(model.UNet(**TINY_UNET_50, layout="official"), seed=2)
     checkpoint.save(str(logdir / "ckpt.pt"), {"ema_model": net.state_dict(), "net_model": net.state_dict(),
                                               "layout": "official", "step": 5})
     (logdir / "flagfile.txt").write_text("--T=50\n--ch=32\n--ch_mult=1\n--ch_mult=2\n--attn=1\n"

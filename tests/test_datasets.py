@@ -6,7 +6,6 @@ import io
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -14,11 +13,11 @@ import torch
 from PIL import Image
 
 import datasets
+from conftest import ROOT, assert_one_line_error, assert_same_weights, run_main
 from score import fid_cache
 
 lmdb = pytest.importorskip("lmdb")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_CLASSIFIER = os.path.join(ROOT, "data", "digits_classifier.pt")
 # odd sizes, landscape and portrait, one below 256 on the short side; 300x257 and 260x263
 # have a centre crop offset of 21.5 and 1.5 pixels, which rounding (not flooring) moves
@@ -165,6 +164,7 @@ def test_the_key_list_is_cached_once_and_never_in_the_working_directory(tmp_path
     assert os.listdir(tmp_path / "cwd") == []
 
 
+@pytest.mark.slow  # a process of its own
 def test_a_truncated_database_is_refused_at_open(tmp_path):
     """lmdb maps data.mdb into memory: reading past the end of a truncated file (an interrupted
     copy) kills Python with SIGBUS. Opening it is one DatasetError naming the sizes; run in a
@@ -212,29 +212,25 @@ def fid_cache_command(name, root, size, output):
             "--num_workers", "0", "--device", "cpu", "--output", output]
 
 
-def run_two_at_a_time(commands):
-    """{name: CompletedProcess} of {name: command}, two at a time with one thread each: most
-    of a short run is Python's start, which two cores overlap."""
+def run_commands(commands):
+    """{name: CompletedProcess} of {name: command}: main.py's in this process (run_main), one
+    after another, while python -m score.fid_cache (the command itself is its subject) runs in
+    a process of its own, with one thread."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def run(command):
-        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=environment,
-                              timeout=600)
-
-    with ThreadPoolExecutor(2) as pool:
-        return dict(zip(commands, pool.map(run, commands.values())))
-
-
-def assert_one_line_error(result, *parts):
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and all(part in last for part in parts), result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    own = {name: subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                  env=environment)
+           for name, command in commands.items() if command[1] == "-m"}
+    results = {name: run_main(*command[2:], expect_ok=False, tiny=False)
+               for name, command in commands.items() if name not in own}
+    for name, process in own.items():
+        stdout, stderr = process.communicate(timeout=600)
+        results[name] = subprocess.CompletedProcess(commands[name], process.returncode, stdout, stderr)
+    return results
 
 
 @pytest.fixture(scope="module")
 def runs(datasets_dir, tmp_path_factory):
-    """Every main.py and fid_cache run of the tests below, started together: {name: (result, output)}."""
+    """Every main.py and fid_cache run of the tests below, made once: {name: (result, output)}."""
     out = tmp_path_factory.mktemp("runs")
     commands, outputs = {}, {}
     for name, root in datasets_dir.items():
@@ -255,7 +251,7 @@ def runs(datasets_dir, tmp_path_factory):
                {**{lsun_key(i): encoded(i, "JPEG") for i in range(3)}, b"f" * 40: b"\xff\xd8 not a JPEG"})
     commands["corrupt"] = train_command("lsun_church", str(broken), 64, str(out / "corrupt"),
                                         "--batch_size", "4", "--sample_size", "1", "--num_workers", "1")
-    results = run_two_at_a_time(commands)
+    results = run_commands(commands)
     return {name: (result, outputs.get(name)) for name, result in results.items()}
 
 
@@ -277,7 +273,6 @@ def test_main_trains_two_steps(runs, name, size):
 
 @pytest.mark.slow
 def test_data_on_device_trains_as_the_loader_does(runs):
-    from test_main import assert_same_weights
     result, logdir = runs["on device"]
     assert result.returncode == 0, result.stderr[-3000:]
     assert "decoding 36 images onto cpu" in result.stderr  # held whole, not through the loader
@@ -300,7 +295,7 @@ def test_data_on_device_refuses_what_does_not_fit(datasets_dir, monkeypatch):
 def test_a_corrupt_database_entry_is_named_in_one_line(runs):
     result, _ = runs["corrupt"]
     assert_one_line_error(result, "cannot read image ffffffffff", "(entry 3 of ",
-                          "church_outdoor_train_lmdb): not an image format PIL reads")
+                          "church_outdoor_train_lmdb): not an image format PIL reads", last=True)
 
 
 def reference_statistics(images, size):

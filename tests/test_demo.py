@@ -1,16 +1,12 @@
 """The offline demo: config/digits.cfg trains a model whose samples score near real digits."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import run_main
 from datasets import digits_array
 from score import Evaluator
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
@@ -19,11 +15,8 @@ def test_the_demo_configuration_learns_digits(tmp_path):
     # stochastic DPM-Solver++). The demo's EMA warm-up keeps the average's horizon within the
     # run: decay (1 + k) / (10 + k) = 0.985 at step 600, where 0.999 would still weigh the
     # initial weights by 0.999^600 = 0.55.
-    result = subprocess.run(
-        [sys.executable, "main.py", "--flagfile", "config/digits.cfg", "--train", "--eval",
-         "--logdir", str(tmp_path), "--total_steps", "600", "--sample_step", "0", "--num_images", "500"],
-        capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_main("--flagfile", "config/digits.cfg", "--train", "--eval", "--logdir", tmp_path, "--total_steps", "600",
+             "--sample_step", "0", "--num_images", "500", tiny=False)  # in this process, as main.py runs it
     model = json.loads(open(tmp_path / "eval.txt").read().splitlines()[-1])
 
     evaluator = Evaluator("digits")  # reference: the training digits' statistics

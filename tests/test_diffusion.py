@@ -263,6 +263,7 @@ def exact_sampler_output(m, s, var_type):
     return mean, np.sqrt(var)
 
 
+@pytest.mark.slow  # a few seconds each on 2 cores
 @pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])
 @pytest.mark.parametrize("mean_type", ["epsilon", "xstart", "xprev"])
 def test_sampler_is_exact_for_gaussian_data(mean_type, var_type):

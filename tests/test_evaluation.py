@@ -25,24 +25,21 @@ from config import Config
 from diffusion import GaussianDiffusionSampler, beta_schedule
 from score import Evaluator
 from score.metrics import to_uint8
-from test_main import ROOT, TINY, run_main
+from conftest import ROOT, TINY_ARGS, run_main, run_main_process
 from test_untrusted_files import outcome_within
 
 NUM_IMAGES, BATCH = 48, 4
 EVAL = ["--notrain", "--eval", "--num_images", str(NUM_IMAGES), "--eval_batch_size", str(BATCH)]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    logdir = str(tmp_path_factory.mktemp("eval") / "run")
-    run_main("--train", "--logdir", logdir, "--total_steps", "3", "--sample_step", "0")
-    return logdir
+# `trained` (conftest): a logdir of TINY_ARGS after 2 training steps; tests that write into a
+# logdir take a copy (`trained_copy`, or copy_run below)
 
 
 def all_at_once(logdir, num_images=NUM_IMAGES, batch=BATCH, seed=0):
     """Scores and samples of the EMA model as the pre-streaming --eval computed them."""
     net = checkpoint.load_model(logdir)
-    sampler = GaussianDiffusionSampler(beta_schedule("linear", 1e-4, 0.02, 20))  # TINY's T and the full chain
+    sampler = GaussianDiffusionSampler(beta_schedule("linear", 1e-4, 0.02, 20))  # TINY_ARGS's T and the full chain
     images = []
     with torch.no_grad():
         for i in range(math.ceil(num_images / batch)):
@@ -60,7 +57,8 @@ def last_record(logdir):
 
 
 @pytest.mark.slow
-def test_streamed_scores_equal_the_all_at_once_path_and_record_their_protocol(trained):
+def test_streamed_scores_equal_the_all_at_once_path_and_record_their_protocol(trained_copy):
+    trained = trained_copy
     result = run_main("--logdir", trained, *EVAL)
     record = last_record(trained)
     expected, _ = all_at_once(trained)
@@ -72,13 +70,13 @@ def test_streamed_scores_equal_the_all_at_once_path_and_record_their_protocol(tr
         ckpt_sha = hashlib.sha256(file.read()).hexdigest()[:12]
     protocol = {"num_samples": NUM_IMAGES, "sampler": "ddpm", "steps": 20, "eta": 0.0,
                 "skip_type": "quadratic", "clip_denoised": True, "beta_schedule": "linear", "ema": True,
-                "checkpoint_step": 3,
+                "checkpoint_step": 2,
                 "checkpoint_sha256": ckpt_sha, "feature_network": "digits", "quantize": True,
                 "seed": 0, "processes": 1, "torch": torch.__version__}
     for name, value in protocol.items():
         assert record[name] == value, name
     assert record["wall_time_s"] > 0 and len(record["feature_weights_sha256"]) == 12
-    assert f"{NUM_IMAGES} samples of the EMA model at step 3" in result.stdout
+    assert f"{NUM_IMAGES} samples of the EMA model at step 2" in result.stdout
     assert not os.path.exists(os.path.join(trained, "eval_state"))  # removed once scored
 
 
@@ -100,8 +98,9 @@ def test_an_eval_killed_mid_way_resumes_to_identical_scores(trained, tmp_path):
     run_main("--logdir", uninterrupted, "--notrain", "--eval", "--num_images", str(NUM_IMAGES),
              "--eval_batch_size", "1", *SDE_SOLVER)
     logdir = copy_run(trained, str(tmp_path / "killed"))
-    args = [sys.executable, os.path.join(ROOT, "main.py"), *TINY, "--logdir", logdir,
-            "--notrain", "--eval", "--num_images", str(NUM_IMAGES), "--eval_batch_size", "1", *SDE_SOLVER]
+    command = ["--logdir", logdir, "--notrain", "--eval", "--num_images", str(NUM_IMAGES), "--eval_batch_size", "1",
+               *SDE_SOLVER]
+    args = [sys.executable, os.path.join(ROOT, "main.py"), *TINY_ARGS, *command]
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = os.path.join(logdir, "eval_state")
     deadline = time.time() + 300
@@ -113,8 +112,7 @@ def test_an_eval_killed_mid_way_resumes_to_identical_scores(trained, tmp_path):
         time.sleep(0.02)
     assert process.wait(60) == -signal.SIGKILL, "the evaluation ended before it could be killed"
     assert not os.path.exists(os.path.join(logdir, "eval.txt"))
-    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = run_main(*command)  # the same command, to its end: in this process
     assert "were finished by an earlier run" in resumed.stderr
     expected, record = last_record(uninterrupted), last_record(logdir)
     assert record["sampler"] == "sde_dpm_solver++" and record["solver_order"] == 2
@@ -152,13 +150,13 @@ class ToyNet(torch.nn.Module):
 
 
 @pytest.mark.slow
-def test_sampling_only_needs_no_inception_weights_and_draws_the_scored_samples(trained, tmp_path):
+def test_sampling_only_needs_no_inception_weights_and_draws_the_scored_samples(trained_copy, tmp_path):
+    trained = trained_copy
+    # a process of its own, that surely loaded no Inception network before
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "empty_torch_home"))  # no weights anywhere
     out = str(tmp_path / "samples.npz")
-    result = subprocess.run([sys.executable, "main.py", *TINY, "--logdir", trained, *EVAL,
-                             "--fid_feature", "inception", "--noscore", "--save_samples", out],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_main_process("--logdir", trained, *EVAL, "--fid_feature", "inception", "--noscore", "--save_samples", out,
+                     env=env)
     with np.load(out) as stored:
         array = stored["arr_0"]
     _, images = all_at_once(trained)
@@ -169,7 +167,8 @@ def test_sampling_only_needs_no_inception_weights_and_draws_the_scored_samples(t
 
 
 @pytest.mark.slow
-def test_the_saved_flagfile_holds_the_configuration_not_the_actions(trained):
+def test_the_saved_flagfile_holds_the_configuration_not_the_actions(trained_copy):
+    trained = trained_copy
     with open(os.path.join(trained, "flagfile.txt")) as file:
         lines = file.read().splitlines()
     names = {line[2:].split("=")[0] for line in lines}
@@ -177,10 +176,8 @@ def test_the_saved_flagfile_holds_the_configuration_not_the_actions(trained):
     for action in ("train", "notrain", "eval", "noeval", "resume", "noresume", "verbosity", "helpshort"):
         assert action not in names, action
     before = open(os.path.join(trained, "eval.txt")).read() if os.path.exists(os.path.join(trained, "eval.txt")) else ""
-    result = subprocess.run([sys.executable, "main.py", "--flagfile", os.path.join(trained, "flagfile.txt"),
-                             "--progressive_every", "10", "--sample_size", "2"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_main("--flagfile", os.path.join(trained, "flagfile.txt"), "--progressive_every", "10", "--sample_size", "2",
+             tiny=False)
     after = open(os.path.join(trained, "eval.txt")).read() if os.path.exists(os.path.join(trained, "eval.txt")) else ""
     assert after == before  # only the progressive run: no evaluation, no training
 
@@ -444,7 +441,7 @@ def test_a_new_checkpoint_between_an_interrupted_and_a_resumed_eval_draws_every_
         in stderr
     evaluate_here(fresh, 24)
     resumed, expected = last_record(logdir), last_record(fresh)
-    assert resumed["checkpoint_sha256"] == expected["checkpoint_sha256"] and resumed["checkpoint_step"] == 4
+    assert resumed["checkpoint_sha256"] == expected["checkpoint_sha256"] and resumed["checkpoint_step"] == 3
     for name in ("FID", "IS", "IS_std"):
         assert resumed[name] == expected[name], name
     old, _ = all_at_once(trained, num_images=24)

@@ -17,7 +17,7 @@ import speed
 import train
 import cli
 from diffusion import GaussianDiffusionSampler, beta_schedule
-from test_main import TINY
+from conftest import TINY_ARGS
 from test_speed import settings, tiny_unet
 
 CHANNELS_LAST = torch.channels_last
@@ -125,6 +125,7 @@ def test_compile_is_called_with_the_requested_mode(compile_calls, cuda_graphs, m
     assert compile_calls[0].kwargs == {"mode": mode, "dynamic": False}
 
 
+@pytest.mark.slow  # torch.compile: seconds of graph capture
 @torch.no_grad()
 def test_compiled_sampler_is_not_recompiled_across_steps(compile_calls):
     """A 10-step strided sampler calls the network with ten different timesteps: still one
@@ -136,6 +137,7 @@ def test_compiled_sampler_is_not_recompiled_across_steps(compile_calls):
     assert call.backend.compiled == 1 and call.backend.calls == 10
 
 
+@pytest.mark.slow  # torch.compile: seconds of graph capture
 def test_training_runs_the_compiled_network_in_one_graph_without_recompiles(compile_calls, tmp_path):
     """train.train with --compile --precision bf16 --channels_last on the CPU, four steps, each
     on other images, timesteps and noise: the training network is compiled (mode default,
@@ -144,7 +146,7 @@ def test_training_runs_the_compiled_network_in_one_graph_without_recompiles(comp
     fails every step (a Python number taken from a tensor, a shape-dependent branch), a
     FastModel or train.py that calls the uncompiled network, and speed settings that do not
     reach the trainer."""
-    train.train(cli.configuration(["main.py", *TINY, "--train", "--logdir", str(tmp_path), "--total_steps", "4",
+    train.train(cli.configuration(["main.py", *TINY_ARGS, "--train", "--logdir", str(tmp_path), "--total_steps", "4",
                                     "--sample_step", "0", "--save_step", "0", "--dropout", "0",
                                     "--compile", "--precision", "bf16", "--channels_last"]), "cpu")
     (call,) = [call for call in compile_calls if call.model.training]  # not the EMA sampler's

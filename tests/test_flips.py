@@ -15,7 +15,7 @@ import diffusion
 import streams
 import train
 import cli
-from test_main import TINY, assert_same_updates, run_main, weights
+from conftest import TINY_ARGS, assert_same_updates, run_main, run_main_process, weights
 
 STEPS, BATCH = 3, 16
 FORWARD = diffusion.GaussianDiffusionTrainer.forward
@@ -42,7 +42,7 @@ def test_an_image_folder_flips_by_default():
 
 
 def recorded_batches(monkeypatch, tmp_path, *args):
-    """train.train in this process with TINY and args for STEPS steps; the x_0 of every
+    """train.train in this process with TINY_ARGS and args for STEPS steps; the x_0 of every
     micro-batch, in order, as the trainer received it."""
     seen = []
 
@@ -50,7 +50,7 @@ def recorded_batches(monkeypatch, tmp_path, *args):
         seen.append(x_0.detach().clone())
         return FORWARD(self, x_0, t, noise)
     monkeypatch.setattr(diffusion.GaussianDiffusionTrainer, "forward", recording)
-    train.train(cli.configuration(["main.py", *TINY, "--train", "--logdir", str(tmp_path), "--total_steps",
+    train.train(cli.configuration(["main.py", *TINY_ARGS, "--train", "--logdir", str(tmp_path), "--total_steps",
                                     str(STEPS), "--sample_step", "0", "--save_step", "0", "--batch_size",
                                     str(BATCH), *args]), "cpu")
     return seen
@@ -88,6 +88,7 @@ def test_flips_follow_the_seeded_mask_in_every_micro_batch(folder, monkeypatch, 
         assert mask[:BATCH // 2].tolist() != mask[BATCH // 2:].tolist()  # the micro-batches differ
 
 
+@pytest.mark.slow  # over a second on 2 cores
 def test_data_on_device_gives_the_loaders_images_and_flips(monkeypatch, tmp_path):
     """--data_on_device (digits held whole as one tensor) against the data loader, flips on:
     the same images, mirrored the same way, at every micro-batch. Catches a device path that
@@ -115,7 +116,7 @@ def test_flipped_training_is_the_same_update_on_two_processes_and_in_micro_batch
     common = ["--train", "--total_steps", str(STEPS), "--dropout", "0", "--save_step", "0",
               "--sample_step", "0", *folder_args(folder)]
     runs = {"one": [], "micro": ["--accum_steps", "4"], "two": ["--nprocs", "2", "--device", "cpu"]}
-    for name, split in runs.items():
-        run_main(*common, "--logdir", str(tmp_path / name), *split)
+    for name, split in runs.items():  # two processes: spawned, so a command of their own
+        (run_main_process if name == "two" else run_main)(*common, "--logdir", str(tmp_path / name), *split)
     for name in ("micro", "two"):
         assert_same_updates(weights(tmp_path / "one"), weights(tmp_path / name))

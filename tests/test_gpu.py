@@ -11,12 +11,12 @@ import torch
 
 import speed
 from config import FastPathConfig
+from conftest import ROOT
 from diffusion import GaussianDiffusionSampler, GaussianDiffusionTrainer, beta_schedule
 from model import UNet
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10 = dict(T=1000, ch=128, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=2, dropout=0.0)
 
 

@@ -155,6 +155,7 @@ def expected_bound_bits(var_type):
     return (kl.sum() + decoder_nll + prior) / math.log(2)
 
 
+@pytest.mark.slow  # a few seconds on 2 cores
 @pytest.mark.parametrize("var_type,slack", [("learned", 0.001), ("fixedlarge", 0.13),
                                             ("fixedsmall", 0.74)])
 def test_bits_per_dim_of_the_gaussian_oracle(var_type, slack):
@@ -217,6 +218,7 @@ def test_kl_loss_is_the_bound_term_in_bits_per_dim_without_clipping():
     np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5)
 
 
+@pytest.mark.slow  # a few seconds on 2 cores
 def test_learned_variance_trains_with_the_kl_loss_and_samples():
     torch.manual_seed(0)
     steps = 100

@@ -1,4 +1,6 @@
-"""main.py end to end, through the command line, on the digits data with a tiny model."""
+"""main.py end to end on the digits data with a tiny model: its command run in this process
+(conftest.run_main), and in processes of its own where the process is the subject (signals,
+exit status, --nprocs, --help)."""
 import glob
 import json
 import os
@@ -11,32 +13,10 @@ import pytest
 import torch
 
 import distributed
+from conftest import (ROOT, TINY_ARGS, assert_same_updates, assert_same_weights, net_differences, run_main,
+                      run_main_process, weights)
 
-pytestmark = pytest.mark.slow  # every test starts main.py (a few seconds each on 2 cores)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--flagfile", os.path.join(ROOT, "config", "digits.cfg"), "--ch", "32", "--ch_mult", "1",
-        "--ch_mult", "2", "--attn", "1", "--num_res_blocks", "1", "--T", "20", "--batch_size", "16",
-        "--sample_size", "4", "--warmup", "0", "--log_step", "1", "--num_workers", "0",
-        "--sampler", "ddpm", "--sample_steps", "0"]
-
-
-def run_main(*args, expect_ok=True):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *TINY, *args],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    if expect_ok:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def weights(logdir):
-    # weights_only: a checkpoint holds nothing that loading with it refuses
-    return torch.load(os.path.join(logdir, "ckpt.pt"), weights_only=True)
-
-
-def assert_same_weights(first, second, atol):
-    for key in ("net_model", "ema_model"):
-        for name, tensor in first[key].items():
-            torch.testing.assert_close(second[key][name], tensor, atol=atol, rtol=0, msg=f"{key}.{name}")
+pytestmark = pytest.mark.slow  # every test runs main.py's command (a few seconds each on 2 cores)
 
 
 def test_train_then_eval_from_the_saved_flagfile(tmp_path):
@@ -54,14 +34,12 @@ def test_train_then_eval_from_the_saved_flagfile(tmp_path):
     assert glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
     state = weights(logdir)
     assert state["step"] == 4 and {"net_model", "ema_model", "optim", "sched", "x_T", "rng"} <= set(state)
-    # the saved flagfile alone reproduces the configuration, in one process or two
+    # the saved flagfile alone reproduces the configuration, in one process or two (spawned:
+    # those run as their own command)
     scores = []
-    for processes in ("1", "2"):
-        result = subprocess.run([sys.executable, "main.py", "--flagfile", os.path.join(logdir, "flagfile.txt"),
-                                 "--notrain", "--eval", "--num_images", "20", "--eval_batch_size", "8",
-                                 "--nprocs", processes, "--device", "cpu"],
-                                capture_output=True, text=True, cwd=ROOT, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+    for processes, run in (("1", run_main), ("2", run_main_process)):
+        run("--flagfile", os.path.join(logdir, "flagfile.txt"), "--notrain", "--eval", "--num_images", "20",
+            "--eval_batch_size", "8", "--nprocs", processes, "--device", "cpu", tiny=False)
         scores.append(json.loads(open(os.path.join(logdir, "eval.txt")).read().splitlines()[-1]))
     assert os.path.exists(os.path.join(logdir, "samples_ema.png"))
     # the same samples, sharded and gathered: the same scores (up to float32 feature
@@ -88,29 +66,6 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, path):
     assert_same_weights(first, second, atol=1e-6)
 
 
-def net_differences(first, second):
-    """|second - first| over every weight of the trained network, flattened."""
-    return torch.cat([(second["net_model"][name] - tensor).abs().flatten()
-                      for name, tensor in first["net_model"].items()])
-
-
-def assert_same_updates(first, second):
-    """Equal up to float rounding amplified by Adam.
-
-    The summation order differs between the runs, so gradients differ by rounding. Adam divides
-    each gradient by its running RMS (+ eps = 1e-8), which turns rounding in an element whose
-    true gradient is ~0 (a bias just before a GroupNorm) into a visible difference. Measured on
-    the digits model: 2-8 of its 702k weights differ by more than 1e-5, the largest by 1.5e-5;
-    a wrong data, noise or timestep slice changes 99.6% of them, the largest by 0.5. So: at
-    most 1 in 10^4 weights beyond 1e-5, and none beyond 2e-4 (a fifth of one step at lr 1e-3).
-    """
-    net = net_differences(first, second)
-    assert (net > 1e-5).float().mean() < 1e-4
-    for key in ("net_model", "ema_model"):
-        for name, tensor in first[key].items():
-            torch.testing.assert_close(second[key][name], tensor, atol=2e-4, rtol=0, msg=f"{key}.{name}")
-
-
 def test_gradient_accumulation_is_one_big_batch(tmp_path):
     common = ["--train", "--total_steps", "3", "--dropout", "0", "--save_step", "0", "--sample_step", "0"]
     whole, micro = str(tmp_path / "whole"), str(tmp_path / "micro")
@@ -123,7 +78,7 @@ def test_two_processes_equal_one(tmp_path):
     common = ["--train", "--total_steps", "3", "--dropout", "0", "--save_step", "100", "--sample_step", "2"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_main(*common, "--logdir", one)
-    run_main(*common, "--logdir", two, "--nprocs", "2", "--device", "cpu")
+    run_main_process(*common, "--logdir", two, "--nprocs", "2", "--device", "cpu")
     assert os.path.exists(os.path.join(two, "sample", "2.png"))
     assert_same_updates(weights(one), weights(two))
     assert len(weights(two)["rng"]) == 2
@@ -143,7 +98,8 @@ def test_fast_path_splits_the_batch_up_to_bf16_rounding(tmp_path):
     fp32 = (net_differences(weights(tmp_path / "whole"), weights(tmp_path / "fp32")) > 1e-5).float().mean()
     splits = {"micro": ["--accum_steps", "4"], "two": ["--nprocs", "2", "--device", "cpu"]}
     for name, split in splits.items():
-        run_main(*common, *FAST, "--logdir", str(tmp_path / name), *split)
+        run = run_main_process if "--nprocs" in split else run_main  # processes: a command of their own
+        run(*common, *FAST, "--logdir", str(tmp_path / name), *split)
         net = net_differences(weights(tmp_path / "whole"), weights(tmp_path / name))
         assert (net > 1e-5).float().mean() < fp32 - 0.05, name
         assert net.max() < 6e-3, name
@@ -189,7 +145,7 @@ def test_a_stop_signal_saves_a_checkpoint_to_resume_from(tmp_path, signum):
     ended training without a checkpoint until now), a moment after the first step."""
     logdir = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "main.py"), *TINY, "--train", "--eval", "--logdir", str(logdir),
+        [sys.executable, os.path.join(ROOT, "main.py"), *TINY_ARGS, "--train", "--eval", "--logdir", str(logdir),
          "--total_steps", "100000", "--save_step", "100000", "--sample_step", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -211,12 +167,9 @@ def test_a_stop_signal_saves_a_checkpoint_to_resume_from(tmp_path, signum):
 
 def test_more_processes_than_gpus_is_one_clear_line(tmp_path):
     # a CPU machine that claims two GPUs: the check must stop before anything touches CUDA
-    claim = ("import runpy, sys, torch; torch.cuda.is_available = lambda: True; "
-             "torch.cuda.device_count = lambda: 2; sys.argv = sys.argv[1:]; "
-             "runpy.run_path('main.py', run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", claim, "main.py", *TINY, "--train", "--nprocs", "4",
-                             "--logdir", str(tmp_path / "run")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    claim = "import torch; torch.cuda.is_available = lambda: True; torch.cuda.device_count = lambda: 2"
+    result = run_main_process("--train", "--nprocs", "4", "--logdir", str(tmp_path / "run"), prelude=claim,
+                              expect_ok=False)
     assert result.returncode != 0
     assert "--nprocs 4 exceeds the 2 visible GPU(s)" in result.stderr
     assert "Traceback" not in result.stderr

@@ -11,7 +11,8 @@ from model import UNet, ZERO_GAIN
 # a copy of shared/seed/ckpt_keys.txt, so that a clone tests against it on its own
 SEED_KEYS = os.path.join(os.path.dirname(__file__), "data", "seed_ckpt_keys.txt")
 CIFAR10 = dict(T=1000, ch=128, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=2, dropout=0.1)
-TINY = dict(T=100, ch=32, ch_mult=[1, 2], attn=[1], num_res_blocks=1, dropout=0.1)
+# the UNet keyword arguments of a tiny network (not main.py flags: those are conftest.TINY_ARGS)
+TINY_UNET = dict(T=100, ch=32, ch_mult=[1, 2], attn=[1], num_res_blocks=1, dropout=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_output_shape_and_eval_determinism(cifar_unet):
 
 def test_dropout_is_active_in_train_mode():
     torch.manual_seed(0)
-    model = UNet(**TINY).train()
+    model = UNet(**TINY_UNET).train()
     # Move the zero-initialised layers off zero so dropout inside the blocks shows at the output.
     for layer in model.zero_initialised_layers():
         torch.nn.init.normal_(layer.weight, std=0.1)
@@ -124,19 +125,19 @@ def test_learned_variance_output_channels():
 
 def test_attention_level_out_of_range():
     with pytest.raises(ValueError, match="attn level 2 is out of range"):
-        UNet(**{**TINY, "attn": [2]})
+        UNet(**{**TINY_UNET, "attn": [2]})
 
 
 def test_image_size_not_divisible_by_the_halvings():
     with pytest.raises(ValueError, match="img_size 12 is not divisible by 8"):
-        UNet(**{**TINY, "ch_mult": [1, 2, 2, 2]}, img_size=12)
-    model = UNet(**TINY)
+        UNet(**{**TINY_UNET, "ch_mult": [1, 2, 2, 2]}, img_size=12)
+    model = UNet(**TINY_UNET)
     with pytest.raises(ValueError, match="img_size 9 is not divisible by 2"):
         model(torch.randn(1, 3, 9, 9), torch.tensor([0]))
 
 
 def test_channels_groupnorm_cannot_split():
     with pytest.raises(ValueError, match="GroupNorm"):
-        UNet(**{**TINY, "ch": 48})
+        UNet(**{**TINY_UNET, "ch": 48})
     with pytest.raises(ValueError, match="GroupNorm"):
-        UNet(**{**TINY, "ch_mult": [1, 1.5]})
+        UNet(**{**TINY_UNET, "ch_mult": [1, 1.5]})

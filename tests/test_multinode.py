@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import distributed
-from test_main import ROOT, TINY, assert_same_updates, weights
+from conftest import ROOT, TINY_ARGS, assert_same_updates, weights
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def start_nodes(*args, node_args=((), ())):
     endpoint = f"127.0.0.1:{distributed.free_port()}"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
-               os.path.join(ROOT, "main.py"), *TINY, "--device", "cpu", *args]
+               os.path.join(ROOT, "main.py"), *TINY_ARGS, "--device", "cpu", *args]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     return [subprocess.Popen(command + list(own), cwd=ROOT, env=environment, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for own in node_args]
@@ -41,7 +41,7 @@ def finish(nodes, timeout=600):
 
 
 def start_one_process(*args):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *TINY, "--device", "cpu", *args],
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *TINY_ARGS, "--device", "cpu", *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -203,7 +203,7 @@ def start_alone(rank, logdir, timeout_s=None):
     launch = f"import runpy, sys\n{patch}\nsys.argv = sys.argv[1:]\nrunpy.run_path('main.py', run_name='__main__')"
     environment = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(distributed.free_port()), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", launch, "main.py", *TINY, "--device", "cpu", "--train",
+    return subprocess.Popen([sys.executable, "-c", launch, "main.py", *TINY_ARGS, "--device", "cpu", "--train",
                              "--logdir", logdir], cwd=ROOT, env=environment, stderr=subprocess.PIPE, text=True)
 
 

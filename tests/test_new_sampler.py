@@ -2,8 +2,6 @@
 here, and main.py's flags, their checks, --eval's resumable store and the protocol record of
 its score all take it from its declarations, with no other file naming it.
 """
-import contextlib
-import io
 import json
 import math
 import os
@@ -13,13 +11,11 @@ import pytest
 import torch
 
 import checkpoint
-import cli
 import files
-import lock
-import main
 import sampling
 from builders import build_model
 from config import Config, ConfigError, flagfile_text
+from conftest import run_main
 from steps import Option, SamplerStep
 
 
@@ -64,25 +60,6 @@ def registered():
     ShrunkDDIMStep.fail_at_batch = None
 
 
-def run_in_process(*args):
-    """main.py's command in this process: (exit status, stderr)."""
-    argv = ["main.py", *args]
-    stderr, status = io.StringIO(), 0
-    handlers = {signum: __import__("signal").getsignal(signum) for signum in main.signals.SIGNALS}
-    try:
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            cli.parse_flags(argv)
-            main.main(argv)
-    except SystemExit as stop:
-        status = stop.code
-    finally:
-        cli.FLAGS.unparse_flags()
-        lock.release_all()
-        for signum, handler in handlers.items():
-            __import__("signal").signal(signum, handler)
-    return status, stderr.getvalue()
-
-
 @pytest.fixture
 def logdir(tmp_path):
     """A run of the digits demo's network with random weights: --eval needs no training."""
@@ -125,19 +102,17 @@ def test_the_flags_take_a_registered_sampler_and_its_options_from_its_class(regi
 @pytest.mark.slow
 def test_a_registered_sampler_runs_through_a_resumable_eval_with_its_protocol_record(registered, logdir, tmp_path):
     uninterrupted = shutil.copytree(logdir, str(tmp_path / "uninterrupted"))
-    status, stderr = run_in_process(*evaluation(uninterrupted))
-    assert status == 0, stderr[-2000:]
+    run_main(*evaluation(uninterrupted), tiny=False)
     ShrunkDDIMStep.fail_at_batch = 3  # the third batch's chain crashes: two are finished
-    with pytest.raises(RuntimeError, match="a stand-in for a crash"):
-        run_in_process(*evaluation(logdir))
+    crashed = run_main(*evaluation(logdir), tiny=False, expect_ok=False)
+    assert crashed.returncode == 1 and "RuntimeError: a stand-in for a crash" in crashed.stderr
     assert not os.path.exists(os.path.join(logdir, "eval.txt"))
     (store,) = os.listdir(os.path.join(logdir, "eval_state"))
     identity = json.load(open(os.path.join(logdir, "eval_state", store, "identity.json")))["identity"]
     assert identity["sampling"]["sampler"] == "shrunk_ddim" and identity["sampling"]["eta"] == 1.5
     ShrunkDDIMStep.fail_at_batch = None
-    status, stderr = run_in_process(*evaluation(logdir))
-    assert status == 0, stderr[-2000:]
-    assert "2 of its 4 batches were finished by an earlier run" in stderr
+    resumed = run_main(*evaluation(logdir), tiny=False)
+    assert "2 of its 4 batches were finished by an earlier run" in resumed.stderr
     record, expected = last_record(logdir), last_record(uninterrupted)
     assert record["sampler"] == "shrunk_ddim" and record["x0_scale"] == 1.5 and record["steps"] == 5
     for name in ("FID", "IS", "IS_std"):

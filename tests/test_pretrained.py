@@ -6,8 +6,6 @@ with perturbed random weights, must give the outputs of the converted network.""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,12 +16,13 @@ import checkpoint
 import convert
 import model
 from config import parse_flags_text
+from conftest import run_convert, run_main
 from model import UNet
 
 diffusers = pytest.importorskip("diffusers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(T=50, ch=32, ch_mult=[1, 2], attn=[1], num_res_blocks=1, dropout=0.0)
+# the UNet keyword arguments of a tiny network of T 50 (main.py flags: conftest.TINY_ARGS)
+TINY_UNET_50 = dict(T=50, ch=32, ch_mult=[1, 2], attn=[1], num_res_blocks=1, dropout=0.0)
 # google/ddpm-cifar10-32's UNet2DModel settings, at small widths
 OFFICIAL = dict(downsample_padding=0, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1,
                 attention_head_dim=None, norm_num_groups=32, act_fn="silu")
@@ -144,14 +143,14 @@ def reference_unet(sd, x, t, ch_mult, attn, num_res_blocks, layout):
 @pytest.mark.parametrize("layout", ["official", "port"])
 def test_each_layout_computes_the_reference_network(layout):
     torch.manual_seed(0)
-    net = perturb(UNet(**TINY, layout=layout), seed=1).double().eval()
+    net = perturb(UNet(**TINY_UNET_50, layout=layout), seed=1).double().eval()
     x, t = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([3, 41])
     with torch.no_grad():
         ours = net(x, t)
     sd = {k: v.double() for k, v in net.state_dict().items()}
-    expected = reference_unet(sd, x, t, TINY["ch_mult"], TINY["attn"], TINY["num_res_blocks"], layout)
+    expected = reference_unet(sd, x, t, TINY_UNET_50["ch_mult"], TINY_UNET_50["attn"], TINY_UNET_50["num_res_blocks"], layout)
     assert relative_error(ours, expected) < 1e-10
-    other = reference_unet(sd, x, t, TINY["ch_mult"], TINY["attn"], TINY["num_res_blocks"],
+    other = reference_unet(sd, x, t, TINY_UNET_50["ch_mult"], TINY_UNET_50["attn"], TINY_UNET_50["num_res_blocks"],
                            "port" if layout == "official" else "official")
     assert relative_error(ours, other) > 1e-2  # the layouts are different networks
 
@@ -161,20 +160,20 @@ def test_seed_layout_pieces_against_their_definitions():
     x = torch.randn(1, 32, 8, 8, dtype=torch.float64)
     expected = stride2_conv_reference(x, down.main.weight, down.main.bias, 1, 1)
     torch.testing.assert_close(down(x, None), expected, rtol=1e-12, atol=1e-12)
-    net = UNet(**TINY, layout="seed")  # the old name of the port's layout
+    net = UNet(**TINY_UNET_50, layout="seed")  # the old name of the port's layout
     assert net.layout == "port"
     norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and all(m.eps == 1e-5 for m in norms)
     table = net.time_embedding.timembedding[0].weight.double()
-    torch.testing.assert_close(table, seed_embedding_reference(TINY["T"], TINY["ch"]), rtol=0, atol=2e-6)
-    assert all(m.eps == 1e-6 for m in UNet(**TINY).modules() if isinstance(m, torch.nn.GroupNorm))
+    torch.testing.assert_close(table, seed_embedding_reference(TINY_UNET_50["T"], TINY_UNET_50["ch"]), rtol=0, atol=2e-6)
+    assert all(m.eps == 1e-6 for m in UNet(**TINY_UNET_50).modules() if isinstance(m, torch.nn.GroupNorm))
 
 
 # ------------------------------------------------------------- the earlier port's checkpoints
 
 def seed_checkpoint(folder, seed=3):
     """A checkpoint as the earlier port writes it: its keys only, no layout record."""
-    net = perturb(UNet(**TINY, in_ch=3, layout="port"), seed=seed)
+    net = perturb(UNet(**TINY_UNET_50, in_ch=3, layout="port"), seed=seed)
     state = {"net_model": net.state_dict(), "ema_model": net.state_dict(), "sched": {"last_epoch": 7},
              "optim": {"state": {}, "param_groups": []}, "step": 7, "x_T": torch.randn(4, 3, 16, 16)}
     os.makedirs(folder, exist_ok=True)
@@ -206,18 +205,16 @@ def test_the_seed_ports_flagfile_and_checkpoint_run_here(tmp_path):
         "--num_res_blocks=1", "--num_workers=0", "--noparallel", "--sample_size=2", "--sample_step=1000",
         "--save_step=5000", "--T=50", "--total_steps=800000", "--train", "--var_type=fixedlarge",
         "--warmup=5000", ""]))
-    result = subprocess.run([sys.executable, "main.py", "--flagfile", str(logdir / "flagfile.txt"),
-                             "--notrain", "--progressive_every", "25", "--device", "cpu"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_main("--flagfile", logdir / "flagfile.txt", "--notrain", "--progressive_every", "25",
+                      "--device", "cpu", tiny=False)
     assert "--parallel / --noparallel of the earlier port is ignored" in result.stderr
     assert "records no layout" in result.stderr
     assert (logdir / "progressive" / "progressive.gif").exists()
 
 
 def test_load_model_reads_the_architecture_from_the_flagfile_and_picks_raw_weights(tmp_path):
-    net = perturb(UNet(**TINY, layout="official"), seed=5)
-    raw = perturb(UNet(**TINY, layout="official"), seed=6)
+    net = perturb(UNet(**TINY_UNET_50, layout="official"), seed=5)
+    raw = perturb(UNet(**TINY_UNET_50, layout="official"), seed=6)
     checkpoint.save(str(tmp_path / "ckpt.pt"), {"ema_model": net.state_dict(), "net_model": raw.state_dict(),
                                                 "layout": "official", "step": 1})
     (tmp_path / "flagfile.txt").write_text("--T=50\n--ch=32\n--ch_mult=1\n--ch_mult=2\n--attn=1\n"
@@ -236,12 +233,6 @@ def test_load_model_reads_the_architecture_from_the_flagfile_and_picks_raw_weigh
 def diffusers_unet(config, seed):
     torch.manual_seed(seed)
     return perturb(diffusers.UNet2DModel(**config), seed=seed).eval()
-
-
-def run_convert(*args):
-    result = subprocess.run([sys.executable, "convert.py", *args], capture_output=True, text=True,
-                            cwd=ROOT, timeout=300)
-    return result
 
 
 def assert_same_outputs(ours, theirs, size, channels=3, T=1000):
@@ -301,7 +292,7 @@ def test_a_256_style_model_with_legacy_attention_names_in_a_bin_file_converts(tm
 
 @pytest.mark.slow
 def test_export_then_import_gives_identical_tensors_and_diffusers_loads_it(tmp_path):
-    net = perturb(UNet(**dict(TINY, T=1000), layout="official"), seed=2)
+    net = perturb(UNet(**dict(TINY_UNET_50, T=1000), layout="official"), seed=2)
     logdir = tmp_path / "trained"
     os.makedirs(logdir)
     checkpoint.save(str(logdir / "ckpt.pt"), {"ema_model": net.state_dict(), "net_model": net.state_dict(),
@@ -354,7 +345,6 @@ def test_other_block_types_and_schedulers_are_refused_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_training_records_the_layout_and_a_seed_layout_model_trains_from_scratch(tmp_path):
-    from test_main import run_main
     for layout in ("official", "port"):
         logdir = tmp_path / layout
         extra = [] if layout == "official" else ["--layout", "seed"]  # official is the default; seed: port's old name
@@ -378,11 +368,8 @@ def test_a_converted_model_is_scored_by_main_from_its_flagfile(tmp_path):
     diffusers.DDPMPipeline(unet=diffusers_unet(config, seed=4), scheduler=scheduler).save_pretrained(tmp_path / "tiny")
     result = run_convert(str(tmp_path / "tiny"), "--logdir", str(tmp_path / "run"), "--dataset", "digits")
     assert result.returncode == 0, result.stderr[-2000:]
-    result = subprocess.run([sys.executable, "main.py", "--flagfile", str(tmp_path / "run" / "flagfile.txt"),
-                             "--notrain", "--eval", "--num_images", "16", "--eval_batch_size", "16",
-                             "--sample_steps", "0", "--device", "cpu"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_main("--flagfile", tmp_path / "run" / "flagfile.txt", "--notrain", "--eval", "--num_images", "16",
+             "--eval_batch_size", "16", "--sample_steps", "0", "--device", "cpu", tiny=False)
     record = json.loads((tmp_path / "run" / "eval.txt").read_text().splitlines()[-1])
     assert math.isfinite(record["FID"]) and record["FID"] > 0
 

@@ -404,6 +404,7 @@ def run(config, state, steps, rank=0, world_size=1, net=None):
     return drawn
 
 
+@pytest.mark.slow  # over a second on 2 cores
 def test_importance_sampling_and_every_recipe_resume_exactly(tmp_path):
     """8 steps straight, or 3, a checkpoint, --resume and 5 more: the same weights, EMA and
     loss history bit for bit. The checkpoint is taken while the history fills (it must keep
@@ -481,6 +482,7 @@ def test_a_non_finite_step_leaves_the_loss_history_as_it_was():
     assert torch.isfinite(state.t_sampler.probabilities()).all()
 
 
+@pytest.mark.slow  # over a second on 2 cores
 def test_importance_sampling_in_micro_batches_draws_what_one_batch_does():
     """--accum_steps 4: the micro-batches' losses are recorded in the global batch's order."""
     config = tiny_config(dropout=0.0)

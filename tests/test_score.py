@@ -144,8 +144,15 @@ def test_8_bit_rounding_is_that_of_torchvision_save_image(tmp_path):
 
 @pytest.fixture(scope="session")
 def classifier(tmp_path_factory):
+    """A cached digits classifier of this RECIPE in a file of its own: a copy of the default
+    cache, which load_classifier trains first where it is absent or stale (retraining gives
+    the same weights: test_digits_classifier_is_cached_deterministic_and_leaves_the_rng_alone)."""
+    import shutil
     path = str(tmp_path_factory.mktemp("digits") / "digits_classifier.pt")
-    digits.load_classifier(path)  # trains and caches
+    default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), digits.CLASSIFIER)
+    digits.load_classifier(default)
+    shutil.copyfile(default, path)
+    assert torch.load(path, weights_only=True)["recipe"] == digits.RECIPE
     return path
 
 
@@ -203,6 +210,7 @@ def test_inception_pipeline_end_to_end(random_weights, tmp_path):
                                evaluator.features(gray.expand(-1, 3, -1, -1)))
 
 
+@pytest.mark.slow  # the Inception network, a few seconds on 2 cores
 def test_inception_matches_pytorch_gan_metrics_network(random_weights, monkeypatch):
     """Same weights file, same images: pytorch_gan_metrics' InceptionV3 (its download replaced
     by the file) gives the same pool3 features and, from the logits, the same probabilities."""
@@ -231,6 +239,7 @@ def test_digits_statistics_file_round_trips(classifier, tmp_path):
 # ---------------------------------------------------------------- the offline digits score
 
 
+@pytest.mark.slow  # trains the digits classifier
 def test_digits_classifier_is_cached_deterministic_and_leaves_the_rng_alone(classifier, tmp_path):
     stale = str(tmp_path / "stale.pt")
     torch.save({"recipe": {"epochs": -1}, "state_dict": {}}, stale)
@@ -340,6 +349,7 @@ def test_unreadable_or_empty_image_folder(tmp_path):
         load_images(str(tmp_path))
 
 
+@pytest.mark.slow  # the Inception network, a few seconds on 2 cores
 def test_weights_download_keeps_only_a_file_that_loads(tmp_path, monkeypatch):
     """score.download: a wrong download is refused and leaves nothing where runs look; the
     right one (here: the architecture's own state dict) lands and its sha256 is reported."""

@@ -63,6 +63,7 @@ def test_bf16_channels_last_train_step_matches_fp32():
     assert torch.nn.functional.cosine_similarity(fast_grads, reference_grads, dim=0) > 0.998
 
 
+@pytest.mark.slow  # a few seconds on 2 cores
 def test_compiled_train_step_matches_eager(monkeypatch):
     # Inductor's C++ code generation takes minutes on 2 CPU cores, so here the graph capture
     # (Dynamo + AOT autograd) is tested with the aot_eager backend; the GPU tests and bench.py
@@ -76,6 +77,7 @@ def test_compiled_train_step_matches_eager(monkeypatch):
     assert relative_error(compiled_grads, reference_grads) < 1e-5
 
 
+@pytest.mark.slow  # a few seconds on 2 cores
 @torch.no_grad()
 def test_bf16_sampler_matches_fp32_given_the_same_noise():
     net = tiny_unet().eval()
