@@ -28,15 +28,16 @@ def make_run(logdir, size):
     sys.path.insert(0, ROOT)
     import checkpoint
     import files
+    import logdir_files
     from builders import build_model
     from config import Config, flagfile_text
     run = Config.make(**ARCHITECTURE, img_size=size, img_channels=3, dataset="folder", fid_cache="",
                       logdir=logdir, layout="official")
     net = build_model(run.model, run.diffusion)
     os.makedirs(logdir)
-    checkpoint.save(os.path.join(logdir, "ckpt.pt"), {"ema_model": net.state_dict(), "net_model": net.state_dict(),
+    checkpoint.save(logdir_files.ckpt_path(logdir), {"ema_model": net.state_dict(), "net_model": net.state_dict(),
                                                       "step": 0, "layout": "official"})
-    files.write_bytes(os.path.join(logdir, "flagfile.txt"), flagfile_text(run).encode())
+    files.write_bytes(logdir_files.flagfile_path(logdir), flagfile_text(run).encode())
 
 
 def peak_memory(command):

@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
+import logdir_files  # noqa: E402
 from builders import build_sampler  # noqa: E402
 from config import Config  # noqa: E402
 from files import read_text  # noqa: E402
@@ -105,7 +106,7 @@ def main():
     args = parser.parse_args()
     out = args.out or os.path.join(args.logdir, "samplers.jsonl")
     device = torch.device(args.device)
-    base = Config.from_flagfile_text(read_text(os.path.join(args.logdir, "flagfile.txt")), logdir=args.logdir,
+    base = Config.from_flagfile_text(read_text(logdir_files.flagfile_path(args.logdir)), logdir=args.logdir,
                                      num_images=args.num_images, eval_batch_size=args.batch)
     ema, step, ckpt_sha256 = checkpoint.load_ema(base, device)
     evaluator = evaluate.make_evaluator(base, device)
