@@ -45,9 +45,8 @@ def sampler_class(name):
 
 
 def takers(flag):
-    """The samplers that take `flag` as an option (solver_order: those with orders)."""
-    return [name for name, step in SAMPLERS.items()
-            if (step.ORDERS if flag == "solver_order" else flag in [option.name for option in step.OPTIONS])]
+    """The samplers that declare `flag` among their OPTIONS."""
+    return [name for name, step in SAMPLERS.items() if flag in [option.name for option in step.OPTIONS]]
 
 
 def sampler_options(name, values):
