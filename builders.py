@@ -15,7 +15,8 @@ def build_model(model, diffusion, layout=None):
     return UNet(T=diffusion.T, ch=model.ch, ch_mult=model.ch_mult, attn=model.attn,
                 num_res_blocks=model.num_res_blocks, dropout=model.dropout,
                 in_ch=model.img_channels, out_ch=var_channels * model.img_channels,
-                img_size=model.img_size, layout=layout or model.layout or "official")
+                img_size=model.img_size, layout=layout or model.layout or "official",
+                num_classes=model.num_classes)
 
 
 def build_diffusion(diffusion):

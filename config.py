@@ -113,6 +113,8 @@ class ModelConfig(Section):
         "checkpoint's record when loading", choices=model.LAYOUTS + tuple(model.LAYOUT_ALIASES))
     img_size: int = option(32, "image height and width")
     img_channels: int = option(3, "image channels: 3 (RGB) or 1 (grayscale)")
+    num_classes: int = option(0, "class-conditional with this many classes of the data's labels, "
+                              "for classifier-free guidance (0: unconditional, the paper's model)")
 
     @property
     def image_shape(self):
@@ -130,6 +132,7 @@ class ModelConfig(Section):
         require(self.img_size >= 1, f"--img_size must be at least 1, got {self.img_size}")
         require(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         require(self.img_channels in (1, 3), f"--img_channels must be 1 or 3, got {self.img_channels}")
+        require(self.num_classes >= 0, f"--num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
         try:
             model.check_architecture(self.ch, self.ch_mult, self.attn, self.img_size)
         except ValueError as error:
@@ -181,8 +184,21 @@ class SamplingConfig(Section):
     clip_denoised: bool = option(True, "clip x0_hat to [-1, 1] before forming the mean")
     ddim_eps: str = option(OPTION_DEFAULTS["ddim_eps"], "ddim's eps beside a clipped x0_hat: the network's own, or "
                                       "re-derived from the clipped x0_hat (from_x0)", choices=DDIM_EPS)
+    guidance_scale: float = option(1.0, "classifier-free guidance w of a class-conditional model: eps_u + "
+                                   "w (eps_c - eps_u) (1: conditional, unguided; 0: unconditional)")
+    class_labels: tuple[str, ...] = option((), "classes a class-conditional model draws, in turn (empty: "
+                                           "every class, balanced)")
+
+    @property
+    def labels(self):
+        """--class_labels as ints."""
+        return tuple(int(label) for label in self.class_labels)
 
     def check(self):
+        require(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
+                f"--guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+        for label in self.class_labels:
+            require(label.isdigit(), f"--class_labels takes class numbers 0, 1, ..., got {label!r}")
         require(self.sample_steps >= 0, f"--sample_steps must be >= 0 (0: all T), got {self.sample_steps}")
         require(self.sampler in sampling.SAMPLERS, f"--sampler must be one of {', '.join(sampling.SAMPLERS)}, "
                                                    f"got {self.sampler!r}")
@@ -233,6 +249,8 @@ class TrainingConfig(Section):
     snr_gamma: float = option(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023): the squared "
                               "error weighted as min(SNR_t, gamma) |x0_hat - x_0|^2 (0: off; mse and "
                               "hybrid losses)")
+    cond_drop_prob: float = option(0.1, "with --num_classes: the chance that an example's label is "
+                                   "dropped to train the unconditional branch (Ho & Salimans 2022)")
     hybrid_lambda: float = option(0.001, "lambda of --loss_type hybrid: L_simple + lambda L_vlb")
     max_bad_steps: int = option(0, "steps whose loss is NaN or inf that are skipped (their update "
                                 "not applied) before training stops with an error")
@@ -248,6 +266,7 @@ class TrainingConfig(Section):
         require(self.warmup >= 0, f"--warmup must be a number of steps >= 0, got {self.warmup}")
         require(0 <= self.ema_decay <= 1, f"--ema_decay must be in [0, 1], got {self.ema_decay}")
         require(self.max_bad_steps >= 0, f"--max_bad_steps must be >= 0, got {self.max_bad_steps}")
+        require(0 <= self.cond_drop_prob <= 1, f"--cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
         positive(self, "batch_size", "accum_steps", "total_steps", "log_step")
         steps_or_off(self, "sample_step", "save_step")
 
@@ -370,8 +389,28 @@ class Config:
         require(self.eval.eval_num_images >= IS_SPLITS or not self.eval.eval_step,
                 f"--eval_num_images must be at least {IS_SPLITS} (the Inception Score's splits), got "
                 f"{self.eval.eval_num_images}")
+        self.check_classes()
         require(self.inspect.interp_lambdas >= 2 or not self.actions.interp_t,
                 f"--interp_lambdas must be at least 2 (the two ends), got {self.inspect.interp_lambdas}")
+
+    def check_classes(self):
+        """What a class-conditional model needs of the data and asks of the sampler."""
+        classes, sampling = self.model.num_classes, self.sampling
+        if not classes:
+            require(sampling.guidance_scale == 1.0, f"--guidance_scale {sampling.guidance_scale} needs a "
+                    "class-conditional model (--num_classes > 0)")
+            require(not sampling.class_labels, "--class_labels needs a class-conditional model (--num_classes > 0)")
+            return
+        labelled = datasets.DATASETS[self.data.dataset][3]
+        require(labelled is not None, f"--num_classes {classes}: {self.data.dataset} has no labels (cifar10, "
+                "digits and folders of class subfolders do)")
+        require(labelled in (classes, "folder"), f"--num_classes {classes} does not fit {self.data.dataset}, "
+                f"which has {labelled} classes")
+        for label in sampling.labels:
+            require(label < classes, f"--class_labels {label} is not a class of 0..{classes - 1}")
+        require(self.training.sample_size >= classes or not self.actions.train,
+                f"--sample_size {self.training.sample_size} is fewer than the {classes} classes: a "
+                "conditional model's sample grid has one row per class")
 
     def sampler(self):
         """The sampler of the sampling and diffusion configurations, without a network."""

@@ -15,15 +15,16 @@ import distributed
 import files
 from errors import UserError
 
-# name -> (default random horizontal flip, image channels, native size or None)
+# name -> (default random horizontal flip, image channels, native size or None, its number of
+# classes: "folder" for one per class subfolder, None for a dataset without labels)
 DATASETS = {
-    "cifar10": (True, 3, 32),
-    "digits": (False, 1, 8),
-    "lsun_church": (True, 3, None),
-    "lsun_bedroom": (False, 3, None),
-    "lsun_cat": (False, 3, None),
-    "celebahq": (True, 3, None),
-    "folder": (True, 3, None),
+    "cifar10": (True, 3, 32, 10),
+    "digits": (False, 1, 8, 10),
+    "lsun_church": (True, 3, None, None),
+    "lsun_bedroom": (False, 3, None, None),
+    "lsun_cat": (False, 3, None, None),
+    "celebahq": (True, 3, None, None),
+    "folder": (True, 3, None, "folder"),
 }
 LSUN_CLASSES = {"lsun_church": "church_outdoor", "lsun_bedroom": "bedroom", "lsun_cat": "cat"}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -313,7 +314,7 @@ def lsun(name, root, img_size, flip, train, channels):
 def build_dataset(name, root, img_size, train=True, flip=None, channels=None):
     """The named dataset at img_size, scaled to [-1, 1]; flip and channels default per dataset."""
     check_dataset_name(name)
-    default_flip_, default_channels, _ = DATASETS[name]
+    default_flip_, default_channels, _, _ = DATASETS[name]
     flip = default_flip_ if flip is None else flip
     channels = default_channels if channels is None else channels
     if name in ("cifar10", "digits") and channels != default_channels:

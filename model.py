@@ -170,18 +170,24 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """epsilon/x_0/x_{t-1} predictor eps_theta(x_t, t) of Ho et al. 2020.
+    """epsilon/x_0/x_{t-1} predictor eps_theta(x_t, t) of Ho et al. 2020, or eps_theta(x_t, t, y)
+    of a class-conditional model.
 
     T: number of diffusion steps (rows of the embedding table); ch: base channels;
     ch_mult: channel multiplier per resolution level; attn: level indices with self-attention;
     num_res_blocks: ResBlocks per level on the way down (one more on the way up);
     in_ch / out_ch: image channels in and out (out_ch = 2 * in_ch for a learned variance);
     img_size, when given, is checked against the number of halvings;
-    layout: "official" or "port" (see the module docstring; "seed" is the old name of port).
+    layout: "official" or "port" (see the module docstring; "seed" is the old name of port);
+    num_classes: 0 for the paper's unconditional network. N > 0 adds a learned embedding of
+    the class label y in 0..N, N being "no label" (the unconditional branch of classifier-free
+    guidance, Ho & Salimans 2022), to the time embedding after its MLP, where every ResBlock
+    reads it (improved-diffusion's label_emb, diffusers' num_class_embeds). It starts at zero,
+    so a new conditional network computes what the unconditional one of the same weights does.
     """
 
     def __init__(self, T, ch, ch_mult, attn, num_res_blocks, dropout,
-                 in_ch=3, out_ch=None, img_size=None, layout="official"):
+                 in_ch=3, out_ch=None, img_size=None, layout="official", num_classes=0):
         super().__init__()
         ch_mult, attn = list(ch_mult), list(attn)
         layout = check_layout(layout)
@@ -191,6 +197,11 @@ class UNet(nn.Module):
         out_ch = in_ch if out_ch is None else out_ch
         tdim = ch * 4
         self.time_embedding = TimeEmbedding(T, ch, tdim, layout)
+        self.num_classes = num_classes
+        if num_classes:
+            # made from zeros: nn.Embedding's own initialisation would draw from the RNG and
+            # so change every later layer's initial weights
+            self.class_embedding = nn.Embedding(num_classes + 1, tdim, _weight=torch.zeros(num_classes + 1, tdim))
         block = dict(tdim=tdim, dropout=dropout, layout=layout)
 
         self.head = nn.Conv2d(in_ch, ch, 3, padding=1)
@@ -243,10 +254,19 @@ class UNet(nn.Module):
                 layers.append(module.proj)
         return layers
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
+        """y: each example's class in 0..num_classes (num_classes: no label), or (B,
+        num_classes + 1) weights of the classes' embeddings (a mixture, for interpolation);
+        None for an unconditional network."""
         for size in x.shape[-2:]:
             check_image_size(size, self.downsample_factor)
+        if (y is None) != (self.num_classes == 0):
+            raise ValueError(f"a network of {self.num_classes} classes takes "
+                             f"{'labels y' if self.num_classes else 'no labels'}")
         temb = self.time_embedding(t)
+        if y is not None:
+            table = self.class_embedding.weight
+            temb = temb + (table[y] if not y.is_floating_point() else y.to(table.dtype) @ table)
         h = self.head(x)
         skips = [h]
         for layer in self.downblocks:
@@ -262,8 +282,9 @@ class UNet(nn.Module):
 
 
 def architecture_from_state_dict(state_dict):
-    """The UNet arguments (T, ch, ch_mult, attn, num_res_blocks, in_ch, out_ch) that build a
-    network with exactly this state dict's names and shapes; ValueError if it is not one."""
+    """The UNet arguments (T, ch, ch_mult, attn, num_res_blocks, in_ch, out_ch, num_classes)
+    that build a network with exactly this state dict's names and shapes; ValueError if it is
+    not one."""
     try:
         ch, in_ch = state_dict["head.weight"].shape[:2]
         T = state_dict["time_embedding.timembedding.0.weight"].shape[0]
@@ -287,4 +308,6 @@ def architecture_from_state_dict(state_dict):
         raise ValueError(f"not a state dict of this UNet: its levels hold {sorted(blocks)} ResBlocks")
     return dict(T=T, ch=ch, ch_mult=[level[0][0] // ch for level in levels],
                 attn=[i for i, level in enumerate(levels) if level[0][1]],
-                num_res_blocks=blocks.pop(), in_ch=in_ch, out_ch=out_ch)
+                num_res_blocks=blocks.pop(), in_ch=in_ch, out_ch=out_ch,
+                num_classes=state_dict["class_embedding.weight"].shape[0] - 1
+                if "class_embedding.weight" in state_dict else 0)

@@ -51,7 +51,7 @@ class FastModel(nn.Module):
         self.channels_last = channels_last
         self.cuda_graphs = cuda_graphs
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         if self.cuda_graphs:
             # Each call is a new replay: the previous call's output has been consumed
             # (loss, backward or sampler update) before the next call.
@@ -59,7 +59,7 @@ class FastModel(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.net(x, t)
+            out = self.net(x, t) if y is None else self.net(x, t, y)
         return out.float().contiguous()
 
 

@@ -49,7 +49,7 @@ def test_every_flag_of_main_is_one_field_with_the_same_default():
         default = own[name].default
         assert (tuple(default) if isinstance(default, list) else default) == defaults[name], name
         assert isinstance(defaults[name], (list, tuple)) == (name in config.MULTI_FLAGS or name in
-                                                            ("interp_t", "interp_images")), name
+                                                            ("interp_t", "interp_images", "class_labels")), name
 
 
 def test_flagfile_text_is_what_absl_writes_and_reads_back_the_same_configuration():
@@ -89,7 +89,7 @@ def test_the_lists_that_were_kept_by_hand_follow_the_fields():
             "interp_t"} == set(config.ACTIONS)
     fixed = set(config.FIXED_ON_RESUME)
     assert {"ch", "ch_mult", "attn", "num_res_blocks", "dropout", "img_size", "img_channels", "T", "beta_1",
-            "beta_T", "mean_type", "var_type", "loss_type", "layout", "beta_schedule"} == fixed
+            "beta_T", "mean_type", "var_type", "loss_type", "layout", "beta_schedule", "num_classes"} == fixed
 
 
 def other_value(section, item, value):
@@ -97,12 +97,13 @@ def other_value(section, item, value):
     choices = item.metadata["choices"] or (tuple(SAMPLERS) if item.name == "sampler" else None)
     if choices:
         return next((choice for choice in choices if choice != value and choice != "seed"), None)
-    if item.name in ("ch_mult", "attn"):  # base: ch_mult (1, 2), attn (1,)
-        return {"ch_mult": (2, 2), "attn": (0,)}[item.name]
+    if item.name in ("ch_mult", "attn", "class_labels"):  # base: ch_mult (1, 2), attn (1,), no labels
+        return {"ch_mult": (2, 2), "attn": (0,), "class_labels": ("3",)}[item.name]
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
-        special = {"ch": value * 2, "img_size": value * 2, "img_channels": 4 - value}  # 3 <-> 1
+        special = {"ch": value * 2, "img_size": value * 2, "img_channels": 4 - value,  # 3 <-> 1
+                   "num_classes": 10 - value}  # cifar10's 10 <-> unconditional
         return special.get(item.name, value + 1)
     if isinstance(value, float):
         return value / 2 if value else 0.5
@@ -113,7 +114,7 @@ def other_value(section, item, value):
 def test_every_field_of_the_model_diffusion_and_sampling_reaches_the_evaluation_store(section):
     """A change of any of their fields must start a new store: its batches were drawn with other
     settings. A forgotten field would resume from batches of another model or sampler."""
-    base = Config.make(ch_mult=(1, 2), attn=(1,), img_size=8, T=100, sample_steps=10)
+    base = Config.make(ch_mult=(1, 2), attn=(1,), img_size=8, T=100, sample_steps=10, num_classes=10)
     fast = speed.resolve(base.fast, "cpu")
 
     def key(run):
