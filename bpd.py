@@ -46,8 +46,10 @@ def calc_bpd_loop(net, diffusion, x_0, mean_type, var_type, clip_denoised, progr
 
 
 def bpd_sums(net, diffusion, loader, mean_type, var_type, clip_denoised, progress=False,
-             generator=None):
-    """calc_bpd_loop over a loader of (image, label) batches, summed over images (float64).
+             generator=None, conditional=False):
+    """calc_bpd_loop over a loader of (image, label) batches, summed over images (float64);
+    conditional: a class-conditional network given each image's label, so the bound is of
+    log p(x | y), the conditional likelihood.
 
     Returns count, total_bpd, total_bpd_sq (its square, for the standard error), prior_bpd,
     terms_bpd (T,) and mse (T,) as tensors on the diffusion's device: under DDP all_reduce each
@@ -56,8 +58,9 @@ def bpd_sums(net, diffusion, loader, mean_type, var_type, clip_denoised, progres
     """
     device = diffusion.betas.device
     sums = {}
-    for n, (x_0, _) in enumerate(tqdm(loader, desc="bits/dim batches", disable=not progress)):
-        result = calc_bpd_loop(net, diffusion, x_0.to(device), mean_type, var_type, clip_denoised,
+    for n, (x_0, y) in enumerate(tqdm(loader, desc="bits/dim batches", disable=not progress)):
+        batch_net = (lambda x, t, y=y.to(device): net(x, t, y)) if conditional else net
+        result = calc_bpd_loop(batch_net, diffusion, x_0.to(device), mean_type, var_type, clip_denoised,
                                progress=progress,
                                generator=generator(n) if callable(generator) else generator)
         batch = {
@@ -73,7 +76,7 @@ def bpd_sums(net, diffusion, loader, mean_type, var_type, clip_denoised, progres
     return sums
 
 
-def save_bpd(sums, logdir):
+def save_bpd(sums, logdir, conditional=False):
     """Means over the images of bpd_sums' totals, as logdir/bpd.json and logdir/bpd.png.
 
     The JSON holds num_images, total_bpd and its standard error, prior_bpd, and the per-t
@@ -92,6 +95,8 @@ def save_bpd(sums, logdir):
         "terms_bpd": means["terms_bpd"].tolist(),
         "mse": means["mse"].tolist(),
     }
+    if conditional:
+        summary["conditional"] = "log p(x | y): each image given its own class"
     os.makedirs(logdir, exist_ok=True)
     files.write_bytes(os.path.join(logdir, "bpd.json"), json.dumps(summary, indent=1).encode())
     plot_per_t(os.path.join(logdir, "bpd.png"), [("VB term L_t (bits/dim)", summary["terms_bpd"]),

@@ -33,9 +33,11 @@ def build_trainer(net, diffusion, training=None):
                                     diffusion.var_type, **weighting)
 
 
-def build_sampler(sampling, diffusion):
-    """The sampler of a SamplingConfig on the DiffusionConfig's chain; call it with the network."""
+def build_sampler(sampling, diffusion, num_classes=0):
+    """The sampler of a SamplingConfig on the DiffusionConfig's chain, for a network of
+    num_classes classes (a ModelConfig's; 0: unconditional); call it with the network."""
     return GaussianDiffusionSampler(
         diffusion.betas(), diffusion.mean_type, diffusion.var_type, sampling.clip_denoised, sampling.sampler,
         sampling.sample_steps or None, skip_type=None if sampling.skip_type == "auto" else sampling.skip_type,
+        num_classes=num_classes, guidance_scale=sampling.guidance_scale,
         **{name: getattr(sampling, name) for name in OPTION_DEFAULTS})

@@ -408,9 +408,9 @@ class Config:
                 f"which has {labelled} classes")
         for label in sampling.labels:
             require(label < classes, f"--class_labels {label} is not a class of 0..{classes - 1}")
-        require(self.training.sample_size >= classes or not self.actions.train,
+        require(self.training.sample_size >= classes or not (self.actions.train or self.actions.progressive_every),
                 f"--sample_size {self.training.sample_size} is fewer than the {classes} classes: a "
-                "conditional model's sample grid has one row per class")
+                "conditional model's sample grids have one row per class")
 
     def sampler(self):
         """The sampler of the sampling and diffusion configurations, without a network."""

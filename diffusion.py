@@ -372,26 +372,28 @@ class GaussianDiffusionTrainer(GaussianDiffusion):
             return snr.clamp(max=gamma)
         return snr.clamp(max=gamma) / self.posterior_mean_coef1 ** 2
 
-    def forward(self, x_0, t=None, noise=None):
+    def forward(self, x_0, t=None, noise=None, y=None):
+        """The loss of x_0 at timesteps t with this noise (drawn when not given); y: the
+        classes a class-conditional network is given (its "no label" class where dropped)."""
         if t is None:
             t = torch.randint(self.T, size=(x_0.shape[0],), device=x_0.device)
         if noise is None:
             noise = torch.randn_like(x_0)
-        return self.loss_terms(x_0, t, noise)[0]
+        return self.loss_terms(x_0, t, noise, y)[0]
 
-    def per_example_losses(self, x_0, t, noise):
+    def per_example_losses(self, x_0, t, noise, y=None):
         """(each example's loss (B,), the loss the importance sampler's history records (B,):
         the loss itself for mse and kl, the bound term L_t for hybrid)."""
-        loss, recorded = self.loss_terms(x_0, t, noise)
+        loss, recorded = self.loss_terms(x_0, t, noise, y)
         if loss.dim() > 1:  # mse: the per-element error
             loss = recorded = mean_flat(loss)
         return loss, recorded
 
-    def loss_terms(self, x_0, t, noise):
+    def loss_terms(self, x_0, t, noise, y=None):
         """(the loss as `forward` returns it, the per-example loss to record: see above; None
         for mse, whose per-example mean per_example_losses takes)."""
         x_t = self.q_sample(x_0, t, noise)
-        output = self.model(x_t, t).float()
+        output = (self.model(x_t, t) if y is None else self.model(x_t, t, y)).float()
         if self.loss_type == "kl":
             loss, _ = self.vb_terms_bpd(output, x_0, x_t, t, self.mean_type, self.var_type,
                                         clip_denoised=False)

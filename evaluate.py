@@ -34,7 +34,7 @@ import speed
 from builders import build_sampler
 from checkpoint import load_ema
 from reports import grid
-from sampling import SAMPLERS
+from sampling import SAMPLERS, draw_labels
 from steps import SamplerStep
 from store import BatchStore
 from streams import EVAL_NOISE, generator
@@ -66,11 +66,19 @@ def short_sha256(path, length=12):
     return digest.hexdigest()[:length]
 
 
+def sample_labels(config, first, count):
+    """The classes samples first..first + count - 1 of a class-conditional model ask for
+    (`sampling.draw_labels`), None for an unconditional one."""
+    classes = config.model.num_classes
+    return draw_labels(first, count, classes, config.sampling.labels) if classes else None
+
+
 @torch.no_grad()
 def sample_batches(config, sampler, net, num_images, device, skip=(), desc="generating"):
     """(i, images in [0, 1]) for each batch i of this process's share of num_images samples,
-    but those in skip; batch i's noise comes from its own generator. A batch that is not
-    finite is refused here (reports.NonFiniteSamples), before it can be scored or saved."""
+    but those in skip; batch i's noise comes from its own generator, and a conditional
+    model's classes from `sample_labels`. A batch that is not finite is refused here
+    (reports.NonFiniteSamples), before it can be scored or saved."""
     shape, batch = config.model.image_shape, config.eval.eval_batch_size
     first_batch, last_batch = distributed.my_block(-(-num_images // batch))
     todo = [i for i in range(first_batch, last_batch) if i not in skip]
@@ -78,10 +86,20 @@ def sample_batches(config, sampler, net, num_images, device, skip=(), desc="gene
         size = min(batch, num_images - i * batch)
         noise = generator(device, config.run.seed, EVAL_NOISE, i)
         x_T = torch.randn((size, *shape), generator=noise, device=device)
-        images = sampler(net, x_T, generator=noise)
+        labels = sample_labels(config, i * batch, size)
+        images = sampler(net, x_T, generator=noise, labels=None if labels is None else labels.to(device))
         reports.require_finite(images, f"sample batch {i}",
                                f"nothing was scored and batch {i} was not saved")
         yield i, (images + 1) / 2
+
+
+def label_accuracy(config, evaluator, logits, labels):
+    """{'label_accuracy': the share of samples the feature network classifies as the class they
+    were drawn for} where its classes are the data's (the digits classifier on the digits);
+    else {}."""
+    if labels is None or evaluator.feature != "digits" or config.data.dataset != "digits":
+        return {}
+    return {"label_accuracy": (logits.argmax(1).cpu() == labels).double().mean().item()}
 
 
 def report(logdir, scores, step, writer=None, protocol=None):
@@ -118,6 +136,9 @@ def protocol_record(config, sampler, evaluator, num_samples, step, ckpt_sha256, 
               "processes": distributed.world_size(),
               "torch": torch.__version__, "wall_time_s": round(time.time() - started, 1)}
     record.update(sampler.step.record())  # the sampler's own fields: what ran (solver_order: the order reached)
+    if config.model.num_classes:
+        record.update(num_classes=config.model.num_classes, guidance_scale=sampling.guidance_scale,
+                      class_labels=list(sampling.labels) or "balanced")
     if evaluator and evaluator.feature == "inception" and num_samples < PUBLISHED_SAMPLES:
         record["comparable"] = f"no: fewer than {PUBLISHED_SAMPLES:,} samples, not comparable with published FIDs"
     return record
@@ -139,6 +160,10 @@ def describe(record):
             f"{record['feature_network']} features ({record['feature_weights_sha256']}), {statistics}, "
             f"{'8-bit' if record['quantize'] else 'float'} samples; seed {record['seed']}, "
             f"{record['processes']} process(es), torch {record['torch']}, {record['wall_time_s']} s")
+    if "num_classes" in record:
+        labels = record["class_labels"]
+        text += (f"; {record['num_classes']} classes, guidance scale {record['guidance_scale']}, classes "
+                 f"{labels if isinstance(labels, str) else ','.join(map(str, labels))}")
     return text + (f"; {record['comparable']}" if "comparable" in record else "")
 
 
@@ -177,7 +202,8 @@ def evaluate(config, device_type):
         return score_folder(config, evaluator)
     fast = speed.resolve(config.fast, device_type, distributed.world_size())
     ema, step, ckpt_sha256 = load_ema(config, device)
-    net, sampler = speed.wrap(speed.to_layout(ema, fast), fast), build_sampler(config.sampling, config.diffusion)
+    net = speed.wrap(speed.to_layout(ema, fast), fast)
+    sampler = build_sampler(config.sampling, config.diffusion, config.model.num_classes)
     sampler = sampler.to(device)
     widths = feature_widths(evaluator, config.model, device) if evaluator is not None else None
     store = BatchStore(config.run.logdir, store_identity(config, ckpt_sha256, ema.layout, fast, evaluator),
@@ -196,8 +222,9 @@ def evaluate(config, device_type):
     if evaluator is not None:
         parts = [store.load(i) for i in mine]
         features = torch.cat([part["features"] for part in parts]).double().to(device)
-        logits = torch.cat([part["logits"] for part in parts]).double().to(device)
-        scores = evaluator.score(gather(features), gather(logits))
+        logits = gather(torch.cat([part["logits"] for part in parts]).double().to(device))
+        scores = evaluator.score(gather(features), logits)
+        scores.update(label_accuracy(config, evaluator, logits, sample_labels(config, 0, config.eval.num_images)))
         report(config.run.logdir, scores, step, protocol=protocol_record(
             config, sampler, evaluator, config.eval.num_images, step, ckpt_sha256, started))
     distributed.barrier()
@@ -250,23 +277,42 @@ def batch_record(config, evaluator, i, images):
     return record
 
 
+def by_class(config, images):
+    """The first samples of a conditional model's draw as (images, per row): one row per class
+    of the cycle they were drawn in (`sampling.draw_labels`: sample j is of the cycle's class
+    j % its length), as many of each as all rows can hold; (images, None) for an unconditional
+    model, or too few samples for a row of each."""
+    if not config.model.num_classes:
+        return images, None
+    cycle = len(config.sampling.labels) or config.model.num_classes
+    per_row = len(images) // cycle
+    if per_row == 0:
+        return images, None
+    rows = images[:cycle * per_row].unflatten(0, (per_row, cycle)).transpose(0, 1)
+    return rows.flatten(0, 1), per_row
+
+
 def write_samples(config, store, num_batches):
-    """samples_ema.png from the first batches, and the .npz of --save_samples."""
+    """samples_ema.png from the first batches (a conditional model's: a row per class), and
+    the .npz of --save_samples, with the classes asked for under 'labels'."""
     batch, model, path = config.eval.eval_batch_size, config.model, config.actions.save_samples
     first = torch.cat([store.load(i)["grid"] for i in range(min(num_batches, -(-GRID_IMAGES // batch)))])
     grid_path = os.path.join(config.run.logdir, logdir_files.SAMPLES_GRID)
-    files.save_png(grid(first.float() / 127.5 - 1), grid_path)
-    print(f"wrote {grid_path} (the first {len(first)} samples)")
+    images, per_row = by_class(config, first.float() / 127.5 - 1)
+    files.save_png(grid(images, per_row), grid_path)
+    print(f"wrote {grid_path} (the first {len(images)} samples{', a row per class' if per_row else ''})")
     if path and not saves_to_folder(path):
         write_npz(path, (store.load(i)["samples"] for i in range(num_batches)),
-                  (config.eval.num_images, model.img_size, model.img_size, model.img_channels))
+                  (config.eval.num_images, model.img_size, model.img_size, model.img_channels),
+                  sample_labels(config, 0, config.eval.num_images))
     if path:
         print(f"wrote {config.eval.num_images:,} samples to {path}")
 
 
-def write_npz(path, batches, shape):
+def write_npz(path, batches, shape, labels=None):
     """One .npz with uint8 (N, H, W, C) under 'arr_0' (the layout save_images writes),
-    streamed batch by batch so that it never holds all the samples; written atomically."""
+    streamed batch by batch so that it never holds all the samples, and int64 (N,) labels
+    under 'labels' when given; written atomically."""
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     header = {"descr": "|u1", "fortran_order": False, "shape": shape}
@@ -277,6 +323,9 @@ def write_npz(path, batches, shape):
                 np.lib.format.write_array_header_2_0(entry, header)
                 for samples in batches:
                     entry.write(samples.permute(0, 2, 3, 1).contiguous().numpy().tobytes())
+            if labels is not None:
+                with archive.open("labels.npy", "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, labels.numpy().astype(np.int64), allow_pickle=False)
 
     files.write_atomically(path, write, int(np.prod(shape)))
 
@@ -287,6 +336,8 @@ def evaluate_during_training(config, evaluator, sampler, net, step, writer):
     parts = [evaluator.features(images) for _, images in sample_batches(
         config, sampler, net, config.eval.eval_num_images, sampler.betas.device,
         desc=f"evaluating step {step}")]
-    features, logits = (torch.cat([part[k] for part in parts]) for k in (0, 1))
-    report(config.run.logdir, evaluator.score(gather(features), gather(logits)), step, writer,
+    features, logits = (gather(torch.cat([part[k] for part in parts])) for k in (0, 1))
+    scores = evaluator.score(features, logits)
+    scores.update(label_accuracy(config, evaluator, logits, sample_labels(config, 0, config.eval.eval_num_images)))
+    report(config.run.logdir, scores, step, writer,
            protocol_record(config, sampler, evaluator, config.eval.eval_num_images, step, None, started))

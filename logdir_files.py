@@ -6,6 +6,7 @@ in it (the folder, its lock, flagfile.txt) and takes back after a command that f
     <logdir>/eval.txt         one JSON line per score, with its protocol record
     <logdir>/eval_state/      the resumable evaluation stores (store.py)
     <logdir>/samples_ema.png  the first samples of the last --eval
+    <logdir>/classes.txt      a class-conditional run's class names, line k naming class k
 """
 import contextlib
 import os
@@ -20,6 +21,7 @@ FLAGFILE = "flagfile.txt"
 EVAL_LOG = "eval.txt"
 EVAL_STATE = "eval_state"
 SAMPLES_GRID = "samples_ema.png"
+CLASSES = "classes.txt"
 
 
 def ckpt_path(logdir):

@@ -86,7 +86,9 @@ def needed(config, world_size):
         parts.append((TRAINING_COPIES * weights + 2 * activation_bytes(config.model, micro_batch),
                       f"training {shape} on micro-batches of {micro_batch:,}"))
     if actions.eval or actions.inspecting or (actions.train and (training.sample_step or scoring.eval_step)):
-        sampling = weights + 2 * activation_bytes(config.model, scoring.eval_batch_size)
+        # guidance asks the network for both branches of a batch at once
+        guided = config.model.num_classes and config.sampling.guidance_scale != 1.0
+        sampling = weights + 2 * activation_bytes(config.model, scoring.eval_batch_size * (2 if guided else 1))
         what = f"sampling {shape} in batches of {scoring.eval_batch_size:,}"
         if actions.eval and actions.score and not actions.eval_dir:
             feature = scoring.fid_feature or default_feature(config.data.dataset)

@@ -39,10 +39,17 @@ def enlarge(images, min_size=32):
     return torch.nn.functional.interpolate(images, scale_factor=-(-min_size // size), mode="nearest")
 
 
-def grid(images):
-    """[-1, 1] images -> one square [0, 1] grid image (for save_png and TensorBoard), small
-    images enlarged."""
-    return make_grid((enlarge(images) + 1) / 2, nrow=math.ceil(math.sqrt(len(images))), pad_value=1.0)
+def class_rows(num_classes, count, device):
+    """The classes of a conditional model's grid of count samples: one row per class,
+    count // num_classes samples each (the last count % num_classes are left out)."""
+    per_row = count // num_classes
+    return torch.arange(num_classes, device=device).repeat_interleave(per_row), per_row
+
+
+def grid(images, per_row=None):
+    """[-1, 1] images -> one [0, 1] grid image (for save_png and TensorBoard), small images
+    enlarged; per_row images in each row (None: a square)."""
+    return make_grid((enlarge(images) + 1) / 2, nrow=per_row or math.ceil(math.sqrt(len(images))), pad_value=1.0)
 
 
 def to_pil(images, nrow):
@@ -54,18 +61,19 @@ def to_pil(images, nrow):
 
 
 @torch.no_grad()
-def progressive_samples(sampler, net, x_T, every=50, generator=None):
+def progressive_samples(sampler, net, x_T, every=50, generator=None, labels=None):
     """Sample from x_T, recording x_t and x0_hat at every `every`-th sampler step.
 
     As the official p_sample_loop_progressive (include_xstartpred_freq), the steps recorded are
     the kept steps i with i % every == 0 (t = 0, 50, ..., 950 for the full 1000-step chain),
     here in sampling order, t descending. The samples are the sampler's for the same x_T and
-    generator; the last record's x0_hat is the sample (up to rounding).
+    generator (and a conditional network's labels); the last record's x0_hat is the sample
+    (up to rounding).
     Returns a dict: samples (B, C, H, W); x_t and pred_xstart (B, N, C, H, W), x_t the input of
     the recorded step; timesteps (N,).
     """
     x_ts, pred_xstarts, timesteps = [], [], []
-    for record in sampler.chain(net, x_T, generator=generator):
+    for record in sampler.chain(net, x_T, generator=generator, labels=labels):
         if record.i % every == 0:
             x_ts.append(record.x_t)
             pred_xstarts.append(record.x0_hat)
@@ -102,14 +110,15 @@ def save_progressive(progressive, logdir, prefix="progressive", frame_ms=100):
 
 
 @torch.no_grad()
-def interpolate(sampler, net, x0_a, x0_b, t, lambdas, generator=None):
+def interpolate(sampler, net, x0_a, x0_b, t, lambdas, generator=None, ends=None):
     """Interpolation in the latent x_t (Ho et al. sec. 4.3, the official interpolate).
 
     x_t^a, x_t^b ~ q(x_t | x_0), each endpoint diffused with its own noise as the official
     code does, mixed linearly as (1 - lambda) x_t^a + lambda x_t^b and denoised by the sampler
     from t (one of its timesteps). With a generator, every lambda gets the same reverse-process
     noise (the generator restarts from one state), so the results differ only through lambda.
-    Returns (B, L, C, H, W).
+    ends: a conditional network's class weights (2, num_classes + 1) of the two ends (one-hot
+    rows), mixed with the same lambda and given as labels. Returns (B, L, C, H, W).
     """
     batch_t = torch.full((x0_a.shape[0],), t, dtype=torch.long, device=x0_a.device)
     noise_a, noise_b = (torch.randn(x0_a.shape, generator=generator, device=x0_a.device, dtype=x0_a.dtype)
@@ -121,7 +130,8 @@ def interpolate(sampler, net, x0_a, x0_b, t, lambdas, generator=None):
     for lam in lambdas:
         if generator is not None:
             generator.set_state(state)
-        mixed.append(sampler.denoise(net, (1.0 - lam) * x_t_a + lam * x_t_b, t, generator))
+        labels = None if ends is None else ((1.0 - lam) * ends[0] + lam * ends[1])[None].expand(len(x0_a), -1)
+        mixed.append(sampler.denoise(net, (1.0 - lam) * x_t_a + lam * x_t_b, t, generator, labels))
     mixed = torch.stack(mixed, 1)
     require_finite(mixed, f"the interpolation at t = {t}", "its grid was not written")
     return mixed

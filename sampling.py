@@ -1,13 +1,15 @@
 """Sampling: which timesteps a sampler visits (`sample_timesteps`), the --sampler names
-(`SAMPLERS`, each a `steps.SamplerStep` class that declares its options), and the one loop
-that walks the reverse chain calling the network (`GaussianDiffusionSampler.chain`).
+(`SAMPLERS`, each a `steps.SamplerStep` class that declares its options), the one loop that
+walks the reverse chain calling the network (`GaussianDiffusionSampler.chain`), and what a
+class-conditional model is asked there: the classes drawn (`draw_labels`) and classifier-free
+guidance (`GaussianDiffusionSampler.network_output`).
 """
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from diffusion import MEAN_TYPES, VAR_TYPES, GaussianDiffusion, check_choice, usable_steps
+from diffusion import LEARNED_VARIANCES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion, check_choice, usable_steps
 from solvers import DPMSolverPPStep, DPMSolverSinglestepStep, SDEDPMSolverPPStep, UniPCStep
 from steps import AncestralStep, DDIMStep
 
@@ -152,6 +154,18 @@ def distinct_ascending(kept, T):
     return kept
 
 
+def draw_labels(first, count, num_classes, chosen=()):
+    """The classes of samples first..first + count - 1 of a class-conditional draw, LongTensor:
+    sample j asks for chosen[j % len(chosen)] (--class_labels), or by default class
+    j % num_classes, so that N samples hold N // num_classes of each class, the remainder one
+    more of the first classes, and any run of num_classes consecutive samples holds them all.
+    A sample's class depends on its index only, as its noise does (not on processes or batches)."""
+    j = torch.arange(first, first + count)
+    if chosen:
+        return torch.tensor(chosen, dtype=torch.long)[j % len(chosen)]
+    return j % num_classes
+
+
 class StepRecord(NamedTuple):
     """One step of the reverse chain: the i-th kept timestep t, the step's input x_t, the x0_hat
     it predicted, and its output x_prev, x at the previous kept timestep (after the last step
@@ -185,15 +199,20 @@ class GaussianDiffusionSampler(GaussianDiffusion):
     a jsd chain has at most T - 1 steps, and `len(timesteps)` is what ran, whatever
     sample_steps (1..T) asked for; sample_steps = 1 is the one step from that t.
 
+    A class-conditional network of num_classes classes is asked for the `labels` given with
+    each call, with classifier-free guidance of scale guidance_scale (`network_output`); every
+    sampler takes the guided output as it takes a network's.
+
     timesteps: the kept timesteps, ascending; T: the length of the full chain; step: the
-    sampler's `SamplerStep`. The network is called as net(x_t, t), t a LongTensor of original
-    timesteps, and its output cast to x_t's dtype.
+    sampler's `SamplerStep`. The network is called as net(x_t, t), or net(x_t, t, y) for a
+    conditional one, t a LongTensor of original timesteps, and its output cast to x_t's dtype.
     """
 
     def __init__(self, betas, mean_type="epsilon", var_type="fixedlarge", clip_denoised=True,
                  sampler="ddpm", sample_steps=None, eta=0.0, skip_type=None, solver_order=0,
-                 ddim_eps="network"):
+                 ddim_eps="network", num_classes=0, guidance_scale=1.0):
         super().__init__(betas)
+        self.num_classes, self.guidance_scale = num_classes, guidance_scale
         check_choice("mean_type", mean_type, MEAN_TYPES)
         check_choice("var_type", var_type, VAR_TYPES)
         step_class = sampler_class(sampler)
@@ -206,10 +225,42 @@ class GaussianDiffusionSampler(GaussianDiffusion):
         self.timesteps = sample_timesteps(self.alphas_bar, sample_steps, self.skip_type)
         self.step = step_class.make(self.betas, self.timesteps, mean_type, var_type, clip_denoised, **options)
 
+    def network_output(self, net, x_t, t, labels=None):
+        """What the sampler's step takes at (x_t, t): the network's output, in x_t's dtype.
+
+        labels (a conditional network's classes, or (B, num_classes + 1) weights of them): with
+        classifier-free guidance of scale w (Ho & Salimans 2022, in diffusers' convention)
+            out = out_u + w (out_c - out_u),
+        out_c the output for the labels and out_u for "no label" (class num_classes), both
+        from one network call on the doubled batch; w = 1 is the conditional model alone (one
+        call), w = 0 the unconditional one. The combination is of the network's output, the
+        mean type's own quantity: eps, x0 and the posterior mean are each an affine function of
+        another at a given (x_t, t) (eq. 4 and 7), and weights 1 - w and w that sum to one
+        commute with affine maps, so combining x0_hat or the mean is combining eps. The
+        sampler clips x0_hat after the combination. A learned variance (the output's second
+        half) is the conditional branch's, as GLIDE does: guidance moves the mean only.
+        """
+        if labels is None:
+            return net(x_t, t).to(x_t.dtype)
+        w, learned = self.guidance_scale, self.step.var_type in LEARNED_VARIANCES
+        if labels.is_floating_point():
+            null = torch.nn.functional.one_hot(torch.tensor(self.num_classes), self.num_classes + 1)
+            null = null.to(labels).expand_as(labels)
+        else:
+            null = torch.full_like(labels, self.num_classes)
+        if w == 1.0 or (w == 0.0 and not learned):  # one branch alone
+            return net(x_t, t, labels if w else null).to(x_t.dtype)
+        both = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null])).to(x_t.dtype)
+        conditional, unconditional = both.chunk(2)
+        channels = x_t.shape[1]
+        mean_c, mean_u = conditional[:, :channels], unconditional[:, :channels]
+        return torch.cat([mean_u + w * (mean_c - mean_u), conditional[:, channels:]], dim=1)
+
     @torch.no_grad()
-    def chain(self, net, x_t, t=None, generator=None):
+    def chain(self, net, x_t, t=None, generator=None, labels=None):
         """The reverse chain from x_t at kept timestep t (default: the last) down to x_0, one
-        `StepRecord` per kept timestep, t descending; the step object is reset first.
+        `StepRecord` per kept timestep, t descending; the step object is reset first; labels:
+        those of a conditional network (`network_output`).
 
         The only loop that walks the timesteps calling the network: sampling, denoising,
         progressive sampling and interpolation all consume it. A Python generator: it runs as
@@ -224,18 +275,18 @@ class GaussianDiffusionSampler(GaussianDiffusion):
         for i in reversed(range(self.timesteps.index(t) + 1)):
             batch_t = torch.full((x_t.shape[0],), self.timesteps[i], dtype=torch.long,
                                  device=x_t.device)
-            x_prev, x0_hat = self.step(net(x_t, batch_t).to(x_t.dtype), x_t, i, generator)
+            x_prev, x0_hat = self.step(self.network_output(net, x_t, batch_t, labels), x_t, i, generator)
             yield StepRecord(i, self.timesteps[i], x_t, x0_hat, x_prev)
             x_t = x_prev
 
     @torch.no_grad()
-    def denoise(self, net, x_t, t, generator=None):
+    def denoise(self, net, x_t, t, generator=None, labels=None):
         """x_0 in [-1, 1]: the reverse chain from x_t at kept timestep t."""
-        for record in self.chain(net, x_t, t, generator):
+        for record in self.chain(net, x_t, t, generator, labels):
             x_t = record.x_prev
         return x_t.clamp(-1.0, 1.0)
 
     @torch.no_grad()
-    def forward(self, net, x_T, generator=None):
+    def forward(self, net, x_T, generator=None, labels=None):
         """x_0 in [-1, 1] from x_T ~ N(0, I), which enters at the last kept timestep."""
-        return self.denoise(net, x_T, self.timesteps[-1], generator)
+        return self.denoise(net, x_T, self.timesteps[-1], generator, labels)

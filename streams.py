@@ -10,8 +10,8 @@ import torch
 
 # The independent streams: training data order, per-step flips/timesteps/noise, the fixed x_T
 # of the training-time grids and their sampling noise, evaluation batches, bits/dim batches,
-# progressive and interpolation runs.
-DATA_ORDER, TIMESTEP_NOISE, X_T, SAMPLE_NOISE, EVAL_NOISE, BPD_NOISE, INSPECT_NOISE = range(7)
+# progressive and interpolation runs, the labels a class-conditional run drops.
+DATA_ORDER, TIMESTEP_NOISE, X_T, SAMPLE_NOISE, EVAL_NOISE, BPD_NOISE, INSPECT_NOISE, LABEL_DROP = range(8)
 
 
 def stream_seed(*key):
@@ -40,6 +40,14 @@ def step_draws(seed, step, global_batch, img_shape, T, device, t_probabilities=N
         t = torch.searchsorted(cumulative, u, right=True).clamp(max=T - 1)
     noise = torch.randn((global_batch, *img_shape), generator=gen, device=device)
     return flip, t, noise
+
+
+def label_drops(seed, step, global_batch, probability, device):
+    """Which examples of a training step's global batch lose their label (True: trained as
+    "no label", for classifier-free guidance), each with the given probability; a stream of
+    its own, so that an unconditional run draws exactly what it drew before."""
+    gen = generator(device, seed, LABEL_DROP, step)
+    return torch.rand(global_batch, generator=gen, device=device) < probability
 
 
 def rng_state():

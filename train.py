@@ -28,8 +28,9 @@ from batches import GlobalBatchSampler, device_batches, loader_batches
 from builders import build_model, build_sampler, build_trainer
 from diffusion import ImportanceSampler
 from errors import UserError
-from reports import grid, require_finite
-from streams import SAMPLE_NOISE, X_T, generator, rng_state, set_rng_state, step_draws, stream_seed
+from reports import class_rows, grid, require_finite
+from streams import (SAMPLE_NOISE, X_T, generator, label_drops, rng_state, set_rng_state, step_draws,
+                     stream_seed)
 
 
 def warmup_lr(warmup):
@@ -215,7 +216,8 @@ class BadSteps:
 
 def train_step(state, trainer, ddp_net, batches, config, rank, world_size):
     """One optimizer step on global batch number state.step, in --accum_steps micro-batches
-    of this process's share. Returns the sum of the micro-batches' mean losses and `bad`
+    of this process's share; a class-conditional network is given each example's label, or
+    "no label" for those the step's `label_drops` drop (--cond_drop_prob). Returns the sum of the micro-batches' mean losses and `bad`
     (apply_gradients), both on the device.
 
     With an importance sampler (state.t_sampler) t is drawn from its p_t, each example's loss
@@ -228,19 +230,24 @@ def train_step(state, trainer, ddp_net, batches, config, rank, world_size):
     probabilities = None if sampler is None else sampler.probabilities()
     flip, t, noise = step_draws(config.run.seed, state.step, training.batch_size, config.model.image_shape,
                                 config.diffusion.T, state.x_T.device, probabilities)
+    classes = config.model.num_classes
+    if classes:
+        dropped = label_drops(config.run.seed, state.step, training.batch_size, training.cond_drop_prob,
+                              state.x_T.device)
     loss_sum, recorded = 0.0, []
     for micro in range(accum):
-        x_0, _ = next(batches)
+        x_0, y = next(batches)
         part = slice((rank * accum + micro) * micro_batch, (rank * accum + micro + 1) * micro_batch)
         if datasets.default_flip(config.data.dataset):
             x_0 = torch.where(flip[part, None, None, None], x_0.flip(-1), x_0)
+        y = torch.where(dropped[part], classes, y) if classes else None
         # DDP averages gradients across processes on the last micro-batch only
         last = micro == accum - 1
         with ddp_net.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
             if sampler is None:
-                loss = trainer(x_0, t[part], noise[part]).mean()
+                loss = trainer(x_0, t[part], noise[part], y).mean()
             else:
-                losses, tracked = trainer.per_example_losses(x_0, t[part], noise[part])
+                losses, tracked = trainer.per_example_losses(x_0, t[part], noise[part], y)
                 loss = (losses * sampler.weights(t[part], probabilities).to(losses.dtype)).mean()
                 recorded.append(tracked.detach())
             (loss / accum).backward()
@@ -267,7 +274,9 @@ def training_batches(config, dataset, fast, start, rank, world_size, device):
                                config.training.accum_steps, config.run.seed, start,
                                device if stored is not None else "cpu")
     if stored is not None:
-        return device_batches(stored.to(device), order)
+        labels = (torch.from_numpy(datasets.labels_of(dataset)).to(device) if config.model.num_classes
+                  else None)
+        return device_batches(stored.to(device), order, labels)
     return loader_batches(dataset, order, config.data.num_workers, config.run.seed, device)
 
 
@@ -306,15 +315,31 @@ class Logs:
             self.writer.add_scalar("loss", loss, step)
             self.writer.add_scalar("lr", lr, step)
 
-    def sample_grid(self, images, step):
+    def sample_grid(self, images, per_row, step):
         require_finite(images, f"the sample grid of step {step}", "it was not written")
-        files.save_png(grid(images), os.path.join(self.logdir, "sample", f"{step}.png"))
-        self.writer.add_image("sample", grid(images), step)
+        files.save_png(grid(images, per_row), os.path.join(self.logdir, "sample", f"{step}.png"))
+        self.writer.add_image("sample", grid(images, per_row), step)
 
     def close(self):
         self.progress.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def record_classes(dataset, logdir):
+    """Print a labelled dataset's class balance and write its class names to the logdir."""
+    names = datasets.class_names(dataset)
+    print(datasets.class_balance(datasets.labels_of(dataset), names))
+    files.write_bytes(os.path.join(logdir, logdir_files.CLASSES), "".join(f"{name}\n" for name in names).encode())
+
+
+def grid_samples(sampler, net, x_T, num_classes, noise):
+    """(the training-time grid's samples from the fixed x_T, images per row): a square of
+    them, or a conditional model's row per class (`class_rows`)."""
+    if not num_classes:
+        return sampler(net, x_T, generator=noise), None
+    labels, per_row = class_rows(num_classes, len(x_T), x_T.device)
+    return sampler(net, x_T[:len(labels)], generator=noise, labels=labels), per_row
 
 
 def save(state, bad_steps, path, saved_step, world_size, is_main):
@@ -335,6 +360,8 @@ def train(config, device_type):
     fast = speed.resolve(config.fast, device_type, world_size)
     torch.manual_seed(stream_seed(config.run.seed, rank))  # dropout; restored on resume
     dataset = datasets.configured(config.data, config.model, flip=False)
+    if config.model.num_classes and is_main:
+        record_classes(dataset, logdir)
     ckpt_path = logdir_files.ckpt_path(logdir)
     state = initial_state(config, fast, device, ckpt_path, rank, world_size)
     if state.step >= training.total_steps:  # a resumed run that is done: nothing to train or write
@@ -345,7 +372,8 @@ def train(config, device_type):
     saved_step = state.step if config.actions.resume else None
     ddp_net = DistributedDataParallel(state.net) if world_size > 1 else state.net
     trainer = build_trainer(speed.wrap(ddp_net, fast), config.diffusion, config.training).to(device)
-    ema_net, sampler = speed.wrap(state.ema, fast), build_sampler(config.sampling, config.diffusion).to(device)
+    ema_net = speed.wrap(state.ema, fast)
+    sampler = build_sampler(config.sampling, config.diffusion, config.model.num_classes).to(device)
     batches = training_batches(config, dataset, fast, state.step, rank, world_size, device)
     evaluator = evaluate.make_evaluator(config, device) if config.eval.eval_step > 0 else None
     bad_steps, stop, logs = BadSteps(training.max_bad_steps, device), signals.StopRequest(), None
@@ -364,8 +392,8 @@ def train(config, device_type):
                 logs.report_loss(step, state.scheduler.get_last_lr()[0])
             if training.sample_step > 0 and step % training.sample_step == 0:
                 if is_main:
-                    logs.sample_grid(sampler(ema_net, state.x_T, generator=generator(
-                        device, config.run.seed, SAMPLE_NOISE)), step)
+                    logs.sample_grid(*grid_samples(sampler, ema_net, state.x_T, config.model.num_classes,
+                                                   generator(device, config.run.seed, SAMPLE_NOISE)), step)
                 distributed.barrier()
             if config.eval.eval_step > 0 and step % config.eval.eval_step == 0:
                 evaluate.evaluate_during_training(config, evaluator, sampler, ema_net, step, logs.writer)

@@ -46,9 +46,9 @@ def recorded_batches(monkeypatch, tmp_path, *args):
     micro-batch, in order, as the trainer received it."""
     seen = []
 
-    def recording(self, x_0, t=None, noise=None):
+    def recording(self, x_0, t=None, noise=None, y=None):
         seen.append(x_0.detach().clone())
-        return FORWARD(self, x_0, t, noise)
+        return FORWARD(self, x_0, t, noise, y)
     monkeypatch.setattr(diffusion.GaussianDiffusionTrainer, "forward", recording)
     train.train(cli.configuration(["main.py", *TINY_ARGS, "--train", "--logdir", str(tmp_path), "--total_steps",
                                     str(STEPS), "--sample_step", "0", "--save_step", "0", "--batch_size",

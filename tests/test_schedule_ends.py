@@ -218,7 +218,7 @@ def test_nan_samples_make_no_grid_strip_or_interpolation(tmp_path):
     images = x_T()
     images[1, 0, 0, 0] = float("inf")
     with pytest.raises(NonFiniteSamples) as error:
-        train.Logs.sample_grid(logs, images, 7)
+        train.Logs.sample_grid(logs, images, None, 7)
     assert "the sample grid of step 7: 1 of 2 samples contain NaN or inf values" in one_line(error)
     assert os.listdir(tmp_path) == []
 
