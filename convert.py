@@ -11,7 +11,11 @@ installed; a hub name needs huggingface_hub and a connection. It writes <logdir>
 weights as both the EMA and the raw network, layout "official") and <logdir>/flagfile.txt.
 Only the official model's family converts: DownBlock2D / AttnDownBlock2D and their up blocks,
 one attention head, GroupNorm(32, eps 1e-6), the official positional embedding and TF-"SAME"
-downsampling; anything else is refused, naming the field.
+downsampling; anything else is refused, naming the field. A class-conditional model converts
+too: num_class_embeds K (a table of label embeddings added to the time embedding; a null
+class_embed_type) is --num_classes K - 1, its last label read as the no-label entry of
+classifier-free guidance, as export writes it; the dataset must have K - 1 classes (a folder
+of class subfolders, any number).
 
 The files handed in are untrusted. Before anything is allocated or written, every field of the
 configs that is used is checked: its type here, its range by the configuration classes that
@@ -21,7 +25,9 @@ no memory), so that a small config asking for gigabytes gets one line. A --logdi
 run's flagfile.txt or ckpt.pt is refused unless --force.
 
 Export writes a DDPMPipeline folder (model_index.json, unet/, scheduler/) of a model trained
-here in the official layout, into a new or empty folder.
+here in the official layout, into a new or empty folder; one of --num_classes N has
+num_class_embeds N + 1, its unet called as unet(x, t, class_labels=y), y = N for no label
+(DDPMPipeline's own sampling loop passes no labels).
 
 Both write into a temporary folder beside the target, <target>.<pid>.tmp: export renames it to
 the target; import, holding the logdir's lock (lock.py), moves its two files into the logdir
@@ -313,11 +319,21 @@ def configuration(source, model_folder, scheduler_path, dataset, logdir):
     else:
         notes.append(f"note: {source} has no scheduler config; the schedule of --dataset {dataset}'s "
                      "configuration is kept")
+    classes = values.get("num_classes")
+    # how K embeddings became K - 1 classes: the one reading of the file that it does not state
+    reading = (f"num_class_embeds {classes + 1} converts as --num_classes {classes}, the last "
+               "embedding read as the no-label entry") if classes else None
     try:
         converted, note = run_config(logdir, dataset, values)
     except ConfigError as error:
-        raise refused(error, {flag: found for flag, found in sources.items() if flag in values}) from None
+        refusal = refused(error, {flag: found for flag, found in sources.items() if flag in values})
+        if reading and "--num_classes" in str(error):
+            refusal = ConversionError(f"{refusal}; {reading} (--dataset names the data it was trained on)")
+        raise refusal from None
     check_variance_outputs(config, config_path, variance)
+    if reading:
+        notes.append(f"note: {reading} (class_labels {classes} in diffusers, --guidance_scale's "
+                     "unconditional branch here)")
     return converted, notes + ([note] if note else [])
 
 
@@ -444,6 +460,8 @@ def pipeline_configs(saved):
         "up_block_types": ["AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(levels))],
         "attention_head_dim": None, "dropout": unet.dropout,
         **{k: v for k, v in OFFICIAL_SETTINGS.items() if v is not None}}
+    if unet.num_classes:  # the table's rows: the classes, then the no-label entry
+        unet_config["num_class_embeds"] = unet.num_classes + 1
     scheduler_config = {
         "_class_name": "DDPMScheduler", "num_train_timesteps": diffusion.T,
         "beta_start": diffusion.beta_1, "beta_end": diffusion.beta_T,
@@ -481,6 +499,10 @@ def export_diffusers(logdir, out):
                          os.path.join("scheduler", "scheduler_config.json"):
                              json.dumps(scheduler_config, indent=2).encode(),
                          "model_index.json": json.dumps(pipeline, indent=2).encode()})
+    classes = saved.model.num_classes
+    if classes:
+        print(f"note: num_class_embeds {classes + 1}: its unet takes class_labels 0..{classes - 1}, and "
+              f"{classes} for no label; DDPMPipeline's sampling loop passes none", file=sys.stderr)
     return out
 
 

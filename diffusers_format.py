@@ -13,9 +13,11 @@ VARIANCES = {"fixed_large": "fixedlarge", "fixed_small": "fixedsmall", "fixed_sm
 PREDICTIONS = {"epsilon": "epsilon", "sample": "xstart"}
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # --beta_schedule -> diffusers
 # UNet2DModel settings that the official network has; a model with another value is refused.
+# class_embed_type None: a conditional model's class embedding is a table of num_class_embeds
+# rows, as --num_classes' is; the other types pass the labels through layers this UNet lacks.
 OFFICIAL_SETTINGS = {"time_embedding_type": "positional", "flip_sin_to_cos": False, "freq_shift": 1,
                      "downsample_padding": 0, "norm_num_groups": 32, "norm_eps": 1e-6, "act_fn": "silu",
-                     "class_embed_type": None, "num_class_embeds": None, "center_input_sample": False,
+                     "class_embed_type": None, "center_input_sample": False,
                      "resnet_time_scale_shift": "default", "add_attention": True,
                      "mid_block_scale_factor": 1, "downsample_type": "conv", "upsample_type": "conv",
                      "time_embedding_dim": None, "attn_norm_num_groups": None}
@@ -31,6 +33,10 @@ EMBEDDING_TABLE = "time_embedding.timembedding.0.weight"  # computed here, on th
 # The schedule and the timestep embedding table have a row per diffusion step: a larger count in
 # an untrusted scheduler config would only ask for memory (the official models have 1000).
 MAX_TIMESTEPS = 100_000
+# The class embedding has a row per label. A count past any labelled data set's is refused with
+# the config's other fields: one past what a tensor's shape holds would fail the network's build
+# on the meta device with torch's error, not one line (ImageNet-21k has 21,841 classes).
+MAX_CLASS_EMBEDS = 1_000_000
 # Every ResBlock has at least this many tensors (two GroupNorms, two convolutions and the time
 # projection, a weight and a bias each): a config with more blocks than its weights could hold
 # is refused before its network is built, even on the meta device.
@@ -74,6 +80,11 @@ def is_head_dim(value):
     return value is None or (is_integer(value) and value > 0)
 
 
+def is_class_count(value):
+    """num_class_embeds as it converts: null, or at least one class and the no-label entry."""
+    return value is None or (is_integer(value) and 2 <= value <= MAX_CLASS_EMBEDS)
+
+
 # The fields convert.py reads, with their kind, checked before any is used; their ranges are the
 # configuration's (run_config): one set of rules with main.py's flags.
 UNET_FIELDS = {"block_out_channels": (is_widths, "a list of positive integers"),
@@ -83,7 +94,9 @@ UNET_FIELDS = {"block_out_channels": (is_widths, "a list of positive integers"),
                "in_channels": (is_integer, "an integer"), "out_channels": (is_integer, "an integer"),
                "attention_head_dim": (is_head_dim, "null or a positive integer"),
                "sample_size": (is_size, "null, an integer or [size, size]"),
-               "dropout": (is_finite, "a finite number")}
+               "dropout": (is_finite, "a finite number"),
+               "num_class_embeds": (is_class_count, f"null (unconditional) or an integer from 2 to "
+                                    f"{MAX_CLASS_EMBEDS} (the classes, then the no-label entry)")}
 REQUIRED_UNET_FIELDS = ("block_out_channels", "down_block_types", "up_block_types")
 SCHEDULER_FIELDS = {"num_train_timesteps": (is_integer, "an integer"),
                     "beta_start": (is_finite, "a finite number"), "beta_end": (is_finite, "a finite number"),
@@ -93,7 +106,7 @@ SCHEDULER_FIELDS = {"num_train_timesteps": (is_integer, "an integer"),
 # The flags written from a diffusers field, so that a refused flag's error names the field.
 UNET_FLAGS = {"ch": "block_out_channels", "ch_mult": "block_out_channels", "attn": "down_block_types",
               "num_res_blocks": "layers_per_block", "img_channels": "in_channels", "img_size": "sample_size",
-              "dropout": "dropout"}
+              "dropout": "dropout", "num_classes": "num_class_embeds"}
 SCHEDULER_FLAGS = {"T": "num_train_timesteps", "beta_1": "beta_start", "beta_T": "beta_end"}
 
 
@@ -118,7 +131,7 @@ def check_fields(content, kinds, required=()):
 def module_names(ch_mult, attn, num_res_blocks):
     """{module path here: module path in a diffusers UNet2DModel} for every layer with weights."""
     names = {"head": "conv_in", "time_embedding.timembedding.1": "time_embedding.linear_1",
-             "time_embedding.timembedding.3": "time_embedding.linear_2",
+             "time_embedding.timembedding.3": "time_embedding.linear_2", "class_embedding": "class_embedding",
              "tail.0": "conv_norm_out", "tail.2": "conv_out"}
 
     def res_block(ours, theirs, attention):
@@ -214,6 +227,8 @@ def architecture_from_config(config):
                  num_res_blocks=config.get("layers_per_block", 2), img_channels=channels, layout="official")
     if "dropout" in config:
         flags["dropout"] = float(config["dropout"])
+    if config.get("num_class_embeds") is not None:
+        flags["num_classes"] = config["num_class_embeds"] - 1  # the last row: the no-label entry
     size = config.get("sample_size")
     if size is not None:  # none: the dataset configuration's
         flags["img_size"] = size if is_integer(size) else size[0]

@@ -23,7 +23,8 @@ from config import parse_flags_text
 
 diffusers = pytest.importorskip("diffusers")
 from safetensors.torch import load_file, save_file  # noqa: E402  (diffusers brings safetensors)
-from test_pretrained import OFFICIAL, TINY_UNET_50, assert_same_outputs, diffusers_unet, perturb  # noqa: E402
+from test_pretrained import (  # noqa: E402
+    OFFICIAL, TINY_UNET_50, assert_same_outputs, diffusers_unet, perturb, relative_error)
 
 from conftest import ROOT  # noqa: E402
 # the smallest official-family UNet2DModel: two levels, attention at the second
@@ -119,6 +120,10 @@ MALFORMED = [  # (file, its fields set (or the whole content), the field the err
     (UNET, {"sample_size": 0}, "sample_size"),
     (UNET, {"sample_size": -8}, "sample_size"),
     (UNET, {"sample_size": [8, 16]}, "sample_size"),
+    (UNET, {"num_class_embeds": 1}, "num_class_embeds"),  # the no-label entry alone: no class
+    (UNET, {"num_class_embeds": True}, "num_class_embeds"),
+    (UNET, {"class_embed_type": "timestep", "num_class_embeds": 11}, "class_embed_type"),
+    (UNET, {"class_embed_type": "identity"}, "class_embed_type"),
     (SCHEDULER, {"num_train_timesteps": 0}, "num_train_timesteps"),
     (SCHEDULER, {"num_train_timesteps": "1000"}, "num_train_timesteps"),
     (SCHEDULER, {"num_train_timesteps": 10 ** 12}, "num_train_timesteps"),
@@ -276,17 +281,24 @@ def test_sigterm_during_an_import_leaves_nothing_and_exits_143(pipeline, tmp_pat
 
 # ------------------------------------------------------------- export
 
+def trained_run(logdir, num_classes=0, seed=2):
+    """(logdir, the network) of a small official-layout run of TINY_UNET_50 at 16x16, written
+    into the new folder logdir; num_classes > 0: class-conditional, on a folder of that many
+    class subfolders."""
+    logdir.mkdir()
+    net = perturb(model.UNet(**TINY_UNET_50, layout="official", num_classes=num_classes), seed=seed)
+    checkpoint.save(str(logdir / "ckpt.pt"), {"ema_model": net.state_dict(), "net_model": net.state_dict(),
+                                              "layout": "official", "step": 5})
+    classes = f"--dataset=folder\n--num_classes={num_classes}\n" if num_classes else ""
+    (logdir / "flagfile.txt").write_text("--T=50\n--ch=32\n--ch_mult=1\n--ch_mult=2\n--attn=1\n"
+                                         "--num_res_blocks=1\n--dropout=0.0\n--img_size=16\n" + classes)
+    return logdir, net.eval()
+
+
 @pytest.fixture
 def trained(tmp_path):
     """A logdir of a small official-layout run."""
-    logdir = tmp_path / "trained"
-    logdir.mkdir()
-    net = perturb(model.UNet(**TINY_UNET_50, layout="official"), seed=2)
-    checkpoint.save(str(logdir / "ckpt.pt"), {"ema_model": net.state_dict(), "net_model": net.state_dict(),
-                                              "layout": "official", "step": 5})
-    (logdir / "flagfile.txt").write_text("--T=50\n--ch=32\n--ch_mult=1\n--ch_mult=2\n--attn=1\n"
-                                         "--num_res_blocks=1\n--dropout=0.0\n--img_size=16\n")
-    return logdir
+    return trained_run(tmp_path / "trained")[0]
 
 
 def test_export_writes_a_new_or_empty_folder_whole_and_refuses_any_other(trained, tmp_path):
@@ -363,3 +375,78 @@ def test_outputs_that_do_not_fit_the_variance_type_are_one_line(pipeline, learne
                     scheduler=change)
     assert words in refusal(folder, "--logdir", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------- a class-conditional model, both ways
+
+@pytest.fixture(scope="module")
+def conditional_pipeline(tmp_path_factory):
+    """A pipeline folder of SMALL with num_class_embeds 11: cifar10's 10 classes, then the
+    no-label entry; its class embedding as random as every other weight."""
+    folder = tmp_path_factory.mktemp("pipelines") / "ddpm-cifar10-conditional"
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=20, variance_type="fixed_large")
+    diffusers.DDPMPipeline(unet=diffusers_unet({**SMALL, "num_class_embeds": 11}, seed=4),
+                           scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def assert_same_labelled_outputs(ours, theirs, labels, size, T):
+    """ours(x, t, y) is diffusers' unet(x, t, class_labels=y) in float64 for each label, one
+    image under every label, so that the labels are all that tells the outputs apart."""
+    y = torch.tensor(labels)
+    x = torch.randn(1, 3, size, size, dtype=torch.float64).expand(len(labels), -1, -1, -1)
+    ours, theirs = ours.double(), theirs.double()
+    with torch.no_grad():
+        for t in (0, T // 2, T - 1):
+            steps = torch.full((len(labels),), t)
+            mine, expected = ours(x, steps, y), theirs(x, steps, class_labels=y).sample
+            for i, label in enumerate(labels):
+                assert relative_error(mine[i], expected[i]) < 1e-6, (t, label)
+            assert relative_error(mine[0], mine[-1]) > 1e-3  # the labels change what is computed
+
+
+def test_a_conditional_model_imports_as_the_same_network_its_last_label_the_no_label_entry(
+        conditional_pipeline, tmp_path, capsys):
+    logdir = tmp_path / "run"
+    convert.main([str(conditional_pipeline), "--logdir", str(logdir)])
+    assert "num_class_embeds 11 converts as --num_classes 10" in capsys.readouterr().err
+    flags = parse_flags_text((logdir / "flagfile.txt").read_text())
+    assert flags["dataset"] == ["cifar10"] and flags["num_classes"] == ["10"]
+    theirs = diffusers.UNet2DModel.from_pretrained(conditional_pipeline / "unet").eval()
+    assert_same_labelled_outputs(checkpoint.load_model(str(logdir)), theirs, [0, 3, 9, 10], size=8, T=20)
+
+
+@pytest.mark.parametrize("num_classes", [0, 3], ids=["unconditional", "conditional"])
+def test_a_model_exports_with_a_row_per_class_and_the_no_label_one_and_imports_back(
+        tmp_path, capsys, num_classes):
+    (logdir, net), out = trained_run(tmp_path / "trained", num_classes, seed=7), tmp_path / "exported"
+    convert.main(["--to", "diffusers", "--logdir", str(logdir), str(out)])
+    config = json.loads((out / "unet" / "config.json").read_text())
+    theirs = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
+    if not num_classes:  # as before class-conditional models: no class field at all
+        assert not {"num_class_embeds", "class_embed_type"} & set(config) and theirs.class_embedding is None
+        assert_same_outputs(net, theirs, size=16, T=50)
+        return
+    assert config["num_class_embeds"] == num_classes + 1
+    assert "class_labels 0..2, and 3 for no label" in capsys.readouterr().err
+    assert_same_labelled_outputs(net, theirs, [0, 1, 2, 3], size=16, T=50)
+    convert.main([str(out), "--logdir", str(tmp_path / "back"), "--dataset", "folder"])
+    assert parse_flags_text((tmp_path / "back" / "flagfile.txt").read_text())["num_classes"] == ["3"]
+    back, original = checkpoint.load(str(tmp_path / "back" / "ckpt.pt"))["ema_model"], net.state_dict()
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[name], tensor) for name, tensor in original.items())
+
+
+@pytest.mark.parametrize("change, dataset, words", [
+    ({"num_class_embeds": 10}, None, ["num_class_embeds 10:", "--num_classes 9 does not fit cifar10",
+                                      "the last embedding read as the no-label entry", "--dataset"]),
+    (None, "lsun_church", ["num_class_embeds 11:", "lsun_church has no labels", "no-label entry"]),
+    ({"num_class_embeds": 2 ** 64}, "folder", ["num_class_embeds must be", "1000000"]),  # past a tensor's shape
+], ids=["ten_for_cifar10", "lsun", "past_int64"])
+def test_class_counts_that_do_not_convert_are_one_line_before_anything_is_built_or_read(
+        conditional_pipeline, tmp_path, monkeypatch, built, change, dataset, words):
+    source = edited(conditional_pipeline, tmp_path / "ddpm-cifar10-edited", unet=change)
+    monkeypatch.setattr(convert, "read_weights", lambda folder: pytest.fail("the weights were read"))
+    message = refusal(source, "--logdir", tmp_path / "run", *(["--dataset", dataset] if dataset else []))
+    assert str(source / UNET) in message and all(word in message for word in words), message
+    assert built == [] and not (tmp_path / "run").exists() and temporaries(tmp_path) == []

@@ -318,7 +318,7 @@ def test_export_then_import_gives_identical_tensors_and_diffusers_loads_it(tmp_p
 
 @pytest.mark.parametrize("field, value", [
     ("flip_sin_to_cos", True), ("freq_shift", 0), ("downsample_padding", 1), ("norm_eps", 1e-5),
-    ("attention_head_dim", 8), ("num_class_embeds", 10), ("norm_num_groups", 16)])
+    ("attention_head_dim", 8), ("class_embed_type", "timestep"), ("norm_num_groups", 16)])
 def test_a_configuration_outside_the_official_family_is_refused_naming_the_field(field, value):
     config = dict(CIFAR_STYLE, **{field: value}, _class_name="UNet2DModel")
     with pytest.raises(convert.ConversionError, match=field):
