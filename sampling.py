@@ -242,6 +242,8 @@ class GaussianDiffusionSampler(GaussianDiffusion):
         """
         if labels is None:
             return net(x_t, t).to(x_t.dtype)
+        if not self.num_classes:
+            raise ValueError("labels were given to a sampler of an unconditional model (num_classes 0)")
         w, learned = self.guidance_scale, self.step.var_type in LEARNED_VARIANCES
         if labels.is_floating_point():
             null = torch.nn.functional.one_hot(torch.tensor(self.num_classes), self.num_classes + 1)

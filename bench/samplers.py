@@ -54,7 +54,7 @@ def spec_options(spec):
 
 def measure(config, net, evaluator, device):
     """(FID, seconds of sampling per sample) of config's sampler on config.eval.num_images samples."""
-    sampler = build_sampler(config.sampling, config.diffusion).to(device)
+    sampler = build_sampler(config.sampling, config.diffusion, config.model.num_classes).to(device)
     features, logits, sampling_seconds = [], [], 0.0
     started = time.perf_counter()
     for _, images in evaluate.sample_batches(config, sampler, net, config.eval.num_images, device):

@@ -50,6 +50,7 @@ MISFIT = "test_weights_that_are_not_exactly_the_configured_networks_are_refused_
 UNTRUSTED = "test_untrusted_files.py"
 ENDS = "test_schedule_ends.py"
 NEW_SAMPLER = "test_new_sampler.py"
+GUIDANCE = "test_guidance.py"
 LOCK_TEST = "test_the_lock_follows_no_link_and_writes_nothing_but_its_own_regular_file"
 SIZES_TEST = "test_sizes_that_cannot_fit_are_one_line_with_the_bytes_before_anything_is_built"
 SIZES_T = "--T 1,000,000 needs at least 389.1 MB for the schedule alone"
@@ -525,6 +526,42 @@ MUTANTS = [
     Mutant("sampler_words_not_the_samplers", "samplers", "evaluate.py",
            "SAMPLERS.get(record[\"sampler\"], SamplerStep).describe(record)", "SamplerStep.describe(record)",
            tests_of(NEW_SAMPLER, "test_a_registered_sampler_runs_through_a_resumable_eval_with_its_protocol_record")),
+    # ---- class-conditional models and classifier-free guidance (issue 26)
+    Mutant("class_embedding_not_added", "guidance", "model.py",
+           "temb = temb + (table[y] if not y.is_floating_point() else y.to(table.dtype) @ table)",
+           "temb = temb + 0.0 * (table[y] if not y.is_floating_point() else y.to(table.dtype) @ table)",
+           tests_of(GUIDANCE, "test_a_zero_class_embedding_is_the_unconditional_network_and_a_label_adds_to_the_time_embedding")),
+    Mutant("null_label_never_used", "guidance", "sampling.py",
+           "null = torch.full_like(labels, self.num_classes)", "null = labels.clone()",
+           tests_of(GUIDANCE, "test_the_guided_output_is_the_float64_combination_and_the_step_clips_after_it")),
+    Mutant("guidance_sign", "guidance", "sampling.py",
+           "mean_u + w * (mean_c - mean_u)", "mean_c + w * (mean_u - mean_c)",
+           tests_of(GUIDANCE, "test_the_guided_output_is_the_float64_combination_and_the_step_clips_after_it")),
+    Mutant("guided_variance_of_the_unconditional_branch", "guidance", "sampling.py",
+           "conditional[:, channels:]], dim=1)", "unconditional[:, channels:]], dim=1)",
+           tests_of(GUIDANCE, "test_the_guided_output_is_the_float64_combination_and_the_step_clips_after_it")),
+    Mutant("scale_one_asks_no_label", "guidance", "sampling.py",
+           "return net(x_t, t, labels if w else null).to(x_t.dtype)", "return net(x_t, t, null).to(x_t.dtype)",
+           tests_of(GUIDANCE, "test_scale_one_asks_the_conditional_branch_alone_and_zero_the_unconditional_one")),
+    Mutant("draws_sorted_by_class", "guidance", "sampling.py",
+           "    return j % num_classes", "    return j * num_classes // (first + count)",
+           tests_of(GUIDANCE, "test_balanced_draws_hold_each_class_equally_whatever_the_batches")),
+    Mutant("labels_shuffled_against_their_images", "guidance", "evaluate.py",
+           "labels=None if labels is None else labels.to(device))", "labels=None if labels is None else labels.flip(0).to(device))",
+           tests_of(GUIDANCE, "test_samples_and_their_labels_stay_together_through_the_evaluation")),
+    Mutant("grid_rows_not_classes", "guidance", "evaluate.py",
+           "unflatten(0, (per_row, cycle)).transpose(0, 1)", "unflatten(0, (cycle, per_row))",
+           tests_of(GUIDANCE, "test_samples_and_their_labels_stay_together_through_the_evaluation")),
+    Mutant("labels_never_dropped", "guidance", "train.py",
+           "y = torch.where(dropped[part], classes, y) if classes else None", "y = y if classes else None",
+           tests_of(GUIDANCE, "test_label_dropout_is_the_same_on_any_number_of_processes_and_micro_batches")),
+    Mutant("label_dropout_drawn_per_process", "guidance", "train.py",
+           "dropped = label_drops(config.run.seed, state.step,", "dropped = label_drops(config.run.seed + rank, state.step,",
+           tests_of(GUIDANCE, "test_label_dropout_is_the_same_on_any_number_of_processes_and_micro_batches")),
+    Mutant("label_dropout_from_the_timestep_stream", "guidance", "streams.py",
+           "gen = generator(device, seed, LABEL_DROP, step)", "gen = generator(device, seed, TIMESTEP_NOISE, step)",
+           tests_of(GUIDANCE, "test_labels_are_dropped_at_the_asked_rate_from_a_stream_of_the_step",
+                    "test_label_dropout_is_the_same_on_any_number_of_processes_and_micro_batches")),
 ]
 
 

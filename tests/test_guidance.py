@@ -147,6 +147,9 @@ def test_labels_are_dropped_at_the_asked_rate_from_a_stream_of_the_step():
     assert torch.equal(drops, streams.label_drops(0, 5, 20000, 0.1, "cpu"))  # seeded by (seed, step)
     assert not torch.equal(drops, streams.label_drops(0, 6, 20000, 0.1, "cpu"))
     assert not streams.label_drops(0, 5, 100, 0.0, "cpu").any() and streams.label_drops(0, 5, 100, 1.0, "cpu").all()
+    # independent of the step's other draws: the dropped examples are flipped half the time
+    flips = streams.step_draws(0, 5, 20000, (1, 8, 8), 20, "cpu")[0]
+    assert abs(flips[drops].double().mean().item() - 0.5) < 0.05
 
 
 class RecordingTrainer:
