@@ -41,14 +41,16 @@ class GlobalBatchSampler(Sampler):
             yield from order[first:first + local].chunk(self.accum_steps)
 
 
-def device_batches(images, batch_sampler):
-    """(batch, None) pairs cut from a dataset held whole on the device: no loader, no copies."""
+def device_batches(images, batch_sampler, labels=None):
+    """(batch, its labels) pairs cut from a dataset held whole on the device: no loader, no
+    copies. labels: every image's label (datasets.labels_of) on the images' device, else None,
+    which each pair then holds."""
     for indices in batch_sampler:
-        yield datasets.from_stored(images[indices]), None
+        yield datasets.from_stored(images[indices]), None if labels is None else labels[indices]
 
 
 def loader_batches(dataset, batch_sampler, num_workers, seed, device):
-    """(batch on device, labels) pairs read by num_workers loader processes."""
+    """(batch, its labels as int64) pairs on the device, read by num_workers loader processes."""
     loader = DataLoader(
         dataset, num_workers=num_workers, pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
@@ -57,6 +59,6 @@ def loader_batches(dataset, batch_sampler, num_workers, seed, device):
         batch_sampler=(indices.tolist() for indices in batch_sampler))
     try:
         for x, y in loader:
-            yield x.to(device, non_blocking=True), y
+            yield x.to(device, non_blocking=True), y.to(device, torch.long, non_blocking=True)
     except datasets.DatasetError as error:
         raise datasets.worker_error(error) from None

@@ -29,6 +29,8 @@ DATASETS = {
 LSUN_CLASSES = {"lsun_church": "church_outdoor", "lsun_bedroom": "bedroom", "lsun_cat": "cat"}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DIGITS_HELD_OUT = 297  # 1797 digits: 1500 to train on, 297 held out for scoring
+DIGIT_CLASSES = [str(digit) for digit in range(10)]
+BALANCE_SHOWN = 20  # class_balance lists each class's count up to this many classes
 
 
 class DatasetError(UserError, RuntimeError):
@@ -123,11 +125,13 @@ def digits_array(train):
 
 
 class TransformedTensors(Dataset):
-    """In-memory images in [0, 1] with an optional resize and random flip."""
+    """In-memory images in [0, 1] with an optional resize and random flip, and their labels:
+    indices into classes, the class names."""
 
-    def __init__(self, images, labels, img_size, flip):
+    def __init__(self, images, labels, img_size, flip, classes):
         self.images = torch.from_numpy(images)
         self.labels = torch.from_numpy(labels)
+        self.classes = classes
         self.img_size = img_size
         self.flip = flip
 
@@ -169,23 +173,71 @@ class EncodedImages(Dataset):
         return to_model_input(self.pixels(index), self.flip), 0
 
 
-class ImageFiles(EncodedImages):
-    """Every image file under a folder (recursively), in sorted order."""
+def is_image_file(path):
+    # regular files only: a FIFO or device named x.png would block or never end a read
+    return path.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path)
 
-    def __init__(self, root, img_size, flip, channels):
+
+def image_files(root):
+    """Every image file under a folder (recursively), in sorted order."""
+    return sorted(path for folder, _, names in os.walk(root) for name in names
+                  if is_image_file(path := os.path.join(folder, name)))
+
+
+def named(names, shown=5):
+    """The first `shown` of some names, and how many more there are, for a one-line message."""
+    more = f" and {len(names) - shown:,} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+class ImagePaths(EncodedImages):
+    """Image files at the given paths, in their order."""
+
+    def __init__(self, paths, img_size, flip, channels):
         super().__init__(img_size, flip, channels)
-        # regular files only: a FIFO or device named x.png would block or never end a read
-        self.paths = sorted(
-            path for folder, _, names in os.walk(root) for name in names
-            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path := os.path.join(folder, name)))
-        if not self.paths:
-            raise DatasetError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        self.paths = paths
 
     def __len__(self):
         return len(self.paths)
 
     def source(self, index):
         return self.paths[index], self.paths[index]
+
+
+class ImageFiles(ImagePaths):
+    """Every image file under a folder (recursively), in sorted order, each labelled 0."""
+
+    def __init__(self, root, img_size, flip, channels):
+        super().__init__(image_files(root), img_size, flip, channels)
+        if not self.paths:
+            raise DatasetError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+
+
+class ClassFolders(ImagePaths):
+    """A folder of one subfolder per class, labelled as torchvision's ImageFolder labels it:
+    class i is the i-th subfolder name in sorted order, and holds every image file found in it
+    (recursively). The images run class by class, each class's in sorted order; targets holds
+    their labels."""
+
+    def __init__(self, root, img_size, flip, channels):
+        self.root = root
+        self.classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        per_class = [image_files(os.path.join(root, name)) for name in self.classes]
+        if not any(per_class):
+            raise DatasetError(f"--num_classes needs one subfolder per class under {root}; found none")
+        loose = sorted(name for name in os.listdir(root) if is_image_file(os.path.join(root, name)))
+        if loose:
+            raise DatasetError(f"{len(loose):,} image(s) lie directly in {root}, in no class subfolder "
+                               f"({named(loose)}): with --num_classes, move each into its class's subfolder")
+        empty = [name for name, paths in zip(self.classes, per_class) if not paths]
+        if empty:
+            raise DatasetError(f"class subfolder(s) of {root} without image files "
+                               f"({', '.join(IMAGE_EXTENSIONS)}): {named(empty)}; add images or remove them")
+        super().__init__([path for paths in per_class for path in paths], img_size, flip, channels)
+        self.targets = np.repeat(np.arange(len(per_class), dtype=np.int64), [len(paths) for paths in per_class])
+
+    def __getitem__(self, index):
+        return to_model_input(self.pixels(index), self.flip), int(self.targets[index])
 
 
 LMDB_ENVS = {}  # real path -> environment: lmdb opens a database once per process
@@ -311,8 +363,10 @@ def lsun(name, root, img_size, flip, train, channels):
     return LsunDatabase(db_path, img_size, flip, channels)
 
 
-def build_dataset(name, root, img_size, train=True, flip=None, channels=None):
-    """The named dataset at img_size, scaled to [-1, 1]; flip and channels default per dataset."""
+def build_dataset(name, root, img_size, train=True, flip=None, channels=None, labels=False):
+    """The named dataset at img_size, scaled to [-1, 1]; flip and channels default per dataset.
+    labels: a folder's images labelled by their class subfolders (ClassFolders), not all 0 (the
+    other datasets' labels do not depend on it)."""
     check_dataset_name(name)
     default_flip_, default_channels, _, _ = DATASETS[name]
     flip = default_flip_ if flip is None else flip
@@ -323,18 +377,65 @@ def build_dataset(name, root, img_size, train=True, flip=None, channels=None):
     if name == "cifar10":
         return cifar10(root, img_size, flip, train)
     if name == "digits":
-        return TransformedTensors(*digits_array(train), img_size, flip)
+        return TransformedTensors(*digits_array(train), img_size, flip, DIGIT_CLASSES)
     if name in LSUN_CLASSES:
         return lsun(name, root, img_size, flip, train, channels)
     if not os.path.isdir(root):
         raise DatasetError(f"{name}: data_root {root} is not a folder of images")
+    if name == "folder" and labels:
+        return ClassFolders(root, img_size, flip, channels)
     return ImageFiles(root, img_size, flip, channels)
 
 
 def configured(data, model, train=True, flip=None):
-    """The dataset of a DataConfig at a ModelConfig's image size and channels."""
-    return build_dataset(data.dataset, data.data_root, model.img_size, train=train, flip=flip,
-                         channels=model.img_channels)
+    """The dataset of a DataConfig at a ModelConfig's image size and channels; for a
+    class-conditional model, labelled by class, with the model's number of classes
+    (check_classes)."""
+    dataset = build_dataset(data.dataset, data.data_root, model.img_size, train=train, flip=flip,
+                            channels=model.img_channels, labels=model.num_classes > 0)
+    if model.num_classes:
+        check_classes(dataset, model.num_classes)
+    return dataset
+
+
+def class_names(dataset):
+    """The names of a labelled dataset's classes, label i's at i: CIFAR10's, the digits "0".."9",
+    a folder's class subfolders. DatasetError for a dataset without classes."""
+    if not isinstance(dataset, (datasets.CIFAR10, TransformedTensors, ClassFolders)):
+        raise DatasetError("this dataset has no classes: cifar10, digits and folders of one subfolder "
+                           "per class (--num_classes) do")
+    return list(dataset.classes)
+
+
+def check_classes(dataset, num_classes):
+    """DatasetError unless the dataset has num_classes classes."""
+    names = class_names(dataset)
+    if len(names) != num_classes:
+        where = f", the subfolders of {dataset.root}" if isinstance(dataset, ClassFolders) else ""
+        raise DatasetError(f"--num_classes {num_classes} does not match the data's {len(names):,} "
+                           f"classes{where}: {named(names)}")
+
+
+def labels_of(dataset):
+    """Every image's label in the dataset's order, as a numpy int64 array, read without decoding
+    any image: 0 for each image of a dataset without classes (the label it yields)."""
+    if isinstance(dataset, TransformedTensors):
+        return dataset.labels.numpy().astype(np.int64)
+    if isinstance(dataset, (datasets.CIFAR10, ClassFolders)):
+        return np.asarray(dataset.targets, dtype=np.int64)
+    return np.zeros(len(dataset), dtype=np.int64)
+
+
+def class_balance(labels, names):
+    """How many images each class has, in one line: every count up to BALANCE_SHOWN classes,
+    beyond that the range and which classes are its ends."""
+    counts = np.bincount(labels, minlength=len(names))
+    lowest, highest = counts.min(), counts.max()
+    if len(names) <= BALANCE_SHOWN:
+        each = ", ".join(f"{name} {count:,}" for name, count in zip(names, counts))
+        return f"{len(names)} classes: {each} (min {lowest:,}, max {highest:,})"
+    return (f"{len(names):,} classes of {counts.sum():,} images: {lowest:,} to {highest:,} per class "
+            f"(fewest: {names[counts.argmin()]}, most: {names[counts.argmax()]}; median {np.median(counts):g})")
 
 
 def worker_error(error):

@@ -1,6 +1,8 @@
 """The 256x256 datasets on data the tests make: an LSUN-format lmdb, a CelebA-HQ-style folder
 and a nested folder of images, read, trained on through main.py and summarised by the FID
-statistics command; corrupt entries named in one line."""
+statistics command; corrupt entries named in one line. The labels of class-conditional training:
+a folder's classes (its subfolders), every dataset's labels paired with their images on both
+training paths, their refusals and their console summary."""
 import hashlib
 import io
 import os
@@ -12,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import batches
 import datasets
 from conftest import ROOT, assert_one_line_error, assert_same_weights, run_main
 from score import fid_cache
@@ -342,3 +345,262 @@ def test_a_truncated_file_is_named_in_one_line(datasets_dir, tmp_path):
         fid_cache.main(command[3:] + ["--num_workers", "1"])
     message = str(stopped.value.code)
     assert "\n" not in message and f"{folder}/2.jpg" in message and "truncated" in message
+
+
+# ---------------------------------------------------------------- labels (--num_classes)
+
+# a class folder's images: {subfolder: number of images}; "a_dog-x" sorts after "a_dog" by
+# name but its paths before a_dog's, which sorting whole paths would confuse
+CLASS_IMAGES = {"b_cat": 4, "a_dog": 3, "c_owl": 2, "a_dog-x": 3}
+SORTED_CLASSES = ["a_dog", "a_dog-x", "b_cat", "c_owl"]
+
+
+def class_picture(label, index):
+    """8x8 of one colour: red says the class (its index in SORTED_CLASSES), green the image."""
+    return Image.new("RGB", (8, 8), (60 * (label + 1), 20 * index, 90))
+
+
+def label_from_pixels(image):
+    """The class a class_picture shows, from a batch's image in [-1, 1]."""
+    red = (image[0, 0, 0] + 1) * 127.5
+    return round(float(red) / 60) - 1
+
+
+@pytest.fixture(scope="module")
+def class_folder(tmp_path_factory):
+    """A folder of the classes of CLASS_IMAGES, with a nested folder, upper-case suffixes and
+    a file that is no image."""
+    root = tmp_path_factory.mktemp("classes")
+    for name, count in CLASS_IMAGES.items():
+        label = SORTED_CLASSES.index(name)
+        for index in range(count):
+            folder = root / name / ("nested" if index % 2 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            class_picture(label, index).save(folder / f"{index}{'.PNG' if index == 2 else '.png'}")
+    (root / "b_cat" / "notes.txt").write_text("not an image")
+    return str(root)
+
+
+def test_class_folders_are_labelled_as_image_folder_labels_them(class_folder):
+    """Class i is the i-th subfolder name in sorted order, each image labelled by the
+    subfolder it lies in: torchvision's ImageFolder (an independent reference) agrees on the
+    classes and on every image's label, and so do the colours the test drew. Catches classes in
+    the order of the file system or of CLASS_IMAGES, a label shifted by one, images of another
+    class, and a nested folder taken for a class."""
+    from torchvision.datasets import ImageFolder
+    dataset = datasets.build_dataset("folder", class_folder, 8, flip=False, labels=True)
+    reference = ImageFolder(class_folder)
+    assert dataset.classes == reference.classes == SORTED_CLASSES
+    assert reference.class_to_idx == {name: index for index, name in enumerate(dataset.classes)}
+    assert len(dataset) == sum(CLASS_IMAGES.values()) == len(reference.samples)
+    assert dict(zip(dataset.paths, datasets.labels_of(dataset).tolist())) == dict(reference.samples)
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        top = os.path.relpath(dataset.paths[index], class_folder).split(os.sep)[0]
+        assert top == dataset.classes[label] and label_from_pixels(image) == label, dataset.paths[index]
+    # class by class, each class's images sorted
+    assert dataset.paths == [path for name in SORTED_CLASSES for path in flat_files(os.path.join(class_folder, name))]
+
+
+def test_an_unconditional_folder_is_every_image_labelled_0(class_folder):
+    """Without labels a folder of class subfolders is what it always was: every image under it
+    in sorted order, each labelled 0. Catches unconditional runs that changed images or order."""
+    dataset = datasets.build_dataset("folder", class_folder, 8, flip=False)
+    expected = sorted(os.path.join(folder, name) for folder, _, names in os.walk(class_folder)
+                      for name in names if not name.endswith(".txt"))
+    assert type(dataset) is datasets.ImageFiles and dataset.paths == expected
+    assert [dataset[index][1] for index in range(len(dataset))] == [0] * len(expected)
+    assert datasets.labels_of(dataset).tolist() == [0] * len(expected)
+
+
+def folder_of(tmp_path, layout):
+    """A folder of 8x8 images at the relative paths of layout (a name ending in / is an empty
+    folder, one in .txt a text file)."""
+    for relative in layout:
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if relative.endswith("/"):
+            path.mkdir(exist_ok=True)
+        elif relative.endswith(".txt"):
+            path.write_text("not an image")
+        else:
+            class_picture(0, 0).save(path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("layout, parts", [
+    ([], ["--num_classes needs one subfolder per class under", "found none"]),
+    (["0.png", "1.png"], ["--num_classes needs one subfolder per class under", "found none"]),
+    (["cat/", "dog/notes.txt"], ["--num_classes needs one subfolder per class under", "found none"]),
+    (["cat/0.png", "dog/1.png", "stray.jpg"], ["1 image(s) lie directly in", "stray.jpg"]),
+    (["cat/0.png", "dog/deeper/1.png", "empty/notes.txt", "owl/"], ["without image files", ": empty, owl;"]),
+])
+def test_a_folder_that_is_no_set_of_classes_is_refused_in_one_line(tmp_path, layout, parts):
+    """No class subfolder with images, images in no class, a class without images: each one
+    DatasetError of one line that says which. Catches a class folder silently dropped (the
+    labels would shift) and loose images given some class."""
+    root = folder_of(tmp_path, layout)
+    with pytest.raises(datasets.DatasetError) as refused:
+        datasets.build_dataset("folder", root, 8, labels=True)
+    message = str(refused.value)
+    assert "\n" not in message and root in message and all(part in message for part in parts), message
+
+
+def test_a_refused_class_folder_stops_main_before_it_writes(tmp_path):
+    """main.py reads the dataset among its checks: a folder of images without classes stops a
+    conditional run in one error line, before the logdir exists."""
+    root = folder_of(tmp_path / "data", ["0.png", "1.png"])
+    logdir = tmp_path / "run"
+    result = run_main("--train", "--dataset", "folder", "--data_root", root, "--num_classes", "2",
+                      "--logdir", logdir, expect_ok=False)
+    assert_one_line_error(result, "--num_classes needs one subfolder per class under", root)
+    assert not logdir.exists()
+
+
+def fake_cifar10(labels):
+    """A torchvision CIFAR10 of random 32x32 images and the given labels, made without its files."""
+    from torchvision.datasets import CIFAR10
+    cifar = CIFAR10.__new__(CIFAR10)
+    cifar.data = np.random.default_rng(0).integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8)
+    cifar.targets, cifar.classes = list(labels), [f"class{index}" for index in range(10)]
+    cifar.transform = cifar.target_transform = None
+    return cifar
+
+
+def test_check_classes_wants_the_datasets_number_of_classes(class_folder):
+    """Catches a model of more or fewer classes than the data (labels past its embedding, or
+    classes it never sees) and a dataset without labels taken for one class."""
+    folder = datasets.build_dataset("folder", class_folder, 8, labels=True)
+    digits = datasets.build_dataset("digits", None, 8)
+    datasets.check_classes(folder, 4)
+    datasets.check_classes(digits, 10)
+    datasets.check_classes(fake_cifar10([3, 1]), 10)
+    for dataset, count, parts in [(folder, 5, ["--num_classes 5", "data's 4 classes", class_folder, "a_dog-x"]),
+                                  (digits, 9, ["--num_classes 9", "data's 10 classes"]),
+                                  (datasets.build_dataset("folder", class_folder, 8), 4, ["no classes"])]:
+        with pytest.raises(datasets.DatasetError) as refused:
+            datasets.check_classes(dataset, count)
+        assert "\n" not in str(refused.value) and all(part in str(refused.value) for part in parts), refused.value
+    assert datasets.class_names(digits) == [str(digit) for digit in range(10)]
+    assert datasets.class_names(folder) == SORTED_CLASSES
+
+
+def test_configured_labels_a_folder_only_for_a_conditional_model(class_folder):
+    from types import SimpleNamespace
+    data = SimpleNamespace(dataset="folder", data_root=class_folder)
+
+    def model(num_classes):
+        return SimpleNamespace(img_size=8, img_channels=3, num_classes=num_classes)
+
+    assert type(datasets.configured(data, model(0))) is datasets.ImageFiles
+    assert datasets.configured(data, model(4)).classes == SORTED_CLASSES
+    with pytest.raises(datasets.DatasetError, match="--num_classes 3 does not match the data's 4 classes"):
+        datasets.configured(data, model(3))
+
+
+def test_labels_of_are_the_labels_iterating_gives(class_folder, monkeypatch):
+    """Every dataset's labels in its order, as int64, without decoding an image. Catches labels
+    in another order than the images (a sorted or shuffled copy) and a folder decoded to label it."""
+    labelled = {"digits train": datasets.build_dataset("digits", None, 8, flip=False),
+                "digits held out": datasets.build_dataset("digits", None, 8, train=False, flip=False),
+                "cifar10": fake_cifar10([3, 9, 0, 3, 7, 1]),
+                "class folder": datasets.build_dataset("folder", class_folder, 8, flip=False, labels=True),
+                "folder": datasets.build_dataset("folder", class_folder, 8, flip=False)}
+    iterated = {name: [int(dataset[index][1]) for index in range(len(dataset))] for name, dataset in labelled.items()}
+
+    def no_decoding(self, index):
+        raise AssertionError("labels_of decoded an image")
+
+    monkeypatch.setattr(datasets.EncodedImages, "pixels", no_decoding)
+    for name, dataset in labelled.items():
+        labels = datasets.labels_of(dataset)
+        assert labels.dtype == np.int64 and labels.tolist() == iterated[name], name
+    assert len(set(iterated["class folder"])) == 4 and len(set(iterated["digits held out"])) == 10
+
+
+def test_digits_labels_are_scikit_learns_in_the_held_out_permutation():
+    """Recomputed from load_digits: the fixed permutation (seed 0) with the last 297 held out,
+    and each image matched to its nearest scikit-learn digit, whose target must be its label.
+    Catches labels permuted apart from the images or taken from the other split."""
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    order = np.random.default_rng(0).permutation(len(bunch.target))
+    originals = torch.from_numpy(bunch.images.reshape(len(bunch.images), -1) / 16.0).float()
+    for train, part in [(True, order[:-297]), (False, order[-297:])]:
+        dataset = datasets.build_dataset("digits", None, 8, train=train, flip=False)
+        labels = datasets.labels_of(dataset)
+        np.testing.assert_array_equal(labels, bunch.target[part])
+        distances = torch.cdist(dataset.images.reshape(len(dataset), -1), originals)
+        assert distances.min(1).values.max() < 0.01  # 8-bit rounding of the 17 levels only
+        np.testing.assert_array_equal(labels, bunch.target[distances.argmin(1).numpy()])
+
+
+def paired_batches(dataset, stored, labels, steps):
+    """steps (image, label) batches of the device path and of the loader path, each from its
+    own GlobalBatchSampler of one seed (4 images per batch, over an epoch boundary)."""
+    def order():
+        return batches.GlobalBatchSampler(len(dataset), 4, 1, 0, 1, seed=11, start=1)
+
+    device = batches.device_batches(stored, order(), labels)
+    loader = batches.loader_batches(dataset, order(), 0, 11, torch.device("cpu"))
+    return [(next(device), next(loader)) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("name", ["digits", "class folder"])
+def test_each_image_keeps_its_label_on_both_training_paths(class_folder, name):
+    """--data_on_device and the loader give the same images and the same labels, and each
+    label is that image's own (the pairs iterating the dataset gives: the colour of a class
+    folder's images, a digit's bytes): a shuffle of the labels against the images on either path
+    fails, and so does a label left off the device or not int64."""
+    dataset = (datasets.build_dataset("digits", None, 8, flip=False) if name == "digits" else
+               datasets.build_dataset("folder", class_folder, 8, flip=False, labels=True))
+    stored = datasets.as_tensor(dataset, "cpu", decode=True)
+    labels = torch.from_numpy(datasets.labels_of(dataset))
+    own = {}
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        own.setdefault(image.numpy().tobytes(), set()).add(int(label))
+    mixed = 0
+    for (ours, our_labels), (theirs, their_labels) in paired_batches(dataset, stored, labels, 6):
+        assert torch.equal(ours, theirs) and torch.equal(our_labels, their_labels)
+        for y in (our_labels, their_labels):
+            assert y.dtype == torch.long and y.device == stored.device
+        for image, label in zip(ours, our_labels.tolist()):
+            assert own[image.numpy().tobytes()] == {label}
+        mixed += len(set(our_labels.tolist())) > 1
+    assert mixed >= 3  # batches of several classes, where a shuffle shows
+
+
+def test_device_batches_without_labels_hold_none():
+    stored = torch.arange(6, dtype=torch.uint8).reshape(6, 1, 1, 1)
+    (batch, labels), = [next(batches.device_batches(stored, [torch.tensor([4, 1])]))]
+    assert labels is None and torch.equal(batch, datasets.from_stored(stored[[4, 1]]))
+
+
+def balance_counts(line):
+    """{class name: count} of a class_balance line that lists every class."""
+    listed = line.split(": ", 1)[1].rsplit(" (min ", 1)[0]
+    return {name: int(count.replace(",", "")) for name, count in (item.rsplit(" ", 1) for item in listed.split(", "))}
+
+
+def test_class_balance_counts_each_class_in_one_line():
+    """Counted as numpy's bincount counts, every class named up to 20 classes, a class without
+    images among them; 1,000 classes summarised by their range and its ends. Catches counts
+    given to the wrong class, an empty class left out, and a line of 1,000 entries."""
+    digits = datasets.build_dataset("digits", None, 8)
+    labels, names = datasets.labels_of(digits), datasets.class_names(digits)
+    line = datasets.class_balance(labels, names)
+    counts = np.bincount(labels)
+    assert line.startswith("10 classes: ") and "\n" not in line
+    assert balance_counts(line) == dict(zip(names, counts.tolist()))
+    assert line.endswith(f"(min {counts.min()}, max {counts.max()})")
+    no_nines = labels[labels != 9]  # the last class: only bincount's minlength counts it
+    assert balance_counts(datasets.class_balance(no_nines, names))["9"] == 0
+    per_class = np.random.default_rng(1).integers(5, 50, 1000)
+    per_class[17], per_class[603] = 1, 1300
+    many = np.random.default_rng(2).permutation(np.repeat(np.arange(1000), per_class))
+    names = [f"n{index:08d}" for index in range(1000)]
+    line = datasets.class_balance(many, names)
+    assert len(line) < 200 and "\n" not in line, line
+    assert f"1,000 classes of {per_class.sum():,} images: 1 to 1,300 per class" in line
+    assert "n00000017" in line and "n00000603" in line
