@@ -17,10 +17,10 @@ accuracy reaches --accuracy_goal, else the most accurate): a row per class, writ
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
-import time
 
 import torch
 from PIL import Image, ImageDraw
@@ -32,9 +32,12 @@ import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 import files  # noqa: E402
 import logdir_files  # noqa: E402
+from bench.samplers import timed_batches  # noqa: E402
 from builders import build_sampler  # noqa: E402
 from config import Config  # noqa: E402
 from reports import grid  # noqa: E402
+
+ERROR_FLOOR = 1e-3
 
 
 def measure(config, net, evaluator, device):
@@ -42,16 +45,12 @@ def measure(config, net, evaluator, device):
     samples as a grid with a row per class."""
     sampler = build_sampler(config.sampling, config.diffusion, config.model.num_classes).to(device)
     features, logits, first, seconds = [], [], [], 0.0
-    started = time.perf_counter()
-    for _, images in evaluate.sample_batches(config, sampler, net, config.eval.num_images, device):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds += time.perf_counter() - started
+    for images, batch_seconds in timed_batches(config, sampler, net, device):
+        seconds += batch_seconds
         feature, logit = evaluator.features(images)
         features.append(feature)
         logits.append(logit)
         first.append(images[:evaluate.GRID_IMAGES - sum(map(len, first))])
-        started = time.perf_counter()
     logits = torch.cat(logits)
     scores = evaluator.score(torch.cat(features), logits)
     scores.update(evaluate.label_accuracy(config, evaluator, logits,
@@ -90,38 +89,53 @@ def best_scale(means, goal):
     return max(means, key=lambda w: means[w]["accuracy"][0])
 
 
-def plot(means, path, reference=None, width=560, height=400, margin=60):
-    """FID (y) against label accuracy (x), one point per w with its spread as bars; reference:
-    a horizontal line at an FID to compare with (the unconditional model's)."""
+def plot(means, path, reference=None, goal=None, width=640, height=440, margin=60):
+    """FID (y) against label accuracy (x), one point per w with its spread over the seeds as a
+    bar; reference: a dashed line at an FID to compare with (the unconditional model's); goal:
+    one at the label accuracy asked for. Both axes are logarithmic: FID, and the label error
+    1 - accuracy (down to ERROR_FLOOR, where 1 of 1,000 samples is wrong), so that the scales
+    near accuracy 1 are told apart."""
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    xs = [row["accuracy"][0] for row in means.values()]
-    ys = [row["fid"][0] + s * row["fid"][1] for row in means.values() for s in (-1, 1)] + ([reference] if reference else [])
-    x_low, x_high = min(xs) - 0.02, min(1.0, max(xs) + 0.02)
-    y_low, y_high = max(0.0, min(ys) - 1.0), max(ys) + 1.0
-    left, top, right, bottom = margin, margin // 2, width - margin // 2, height - margin
+    left, top, right, bottom = margin, margin // 2, width - 2 * margin, height - margin
+    fids = [row["fid"][0] + s * row["fid"][1] for row in means.values() for s in (-1, 1)] + ([reference] if reference else [])
+    y_low, y_high = math.log10(max(1.0, 0.8 * min(fids))), math.log10(1.2 * max(fids))
+    x_low, x_high = 0.0, -math.log10(ERROR_FLOOR)  # -log10 of the label error: 0 at accuracy 0
 
-    def at(x, y):
+    def at(accuracy, fid):
+        x = -math.log10(max(ERROR_FLOOR, 1 - accuracy))
         return (left + (x - x_low) / (x_high - x_low) * (right - left),
-                bottom - (y - y_low) / (y_high - y_low) * (bottom - top))
+                bottom - (math.log10(fid) - y_low) / (y_high - y_low) * (bottom - top))
     draw.rectangle((left, top, right, bottom), outline="black")
+    for accuracy in (0.0, 0.9, 0.99, 0.999):
+        x, _ = at(accuracy, 10 ** y_low)
+        draw.line([(x, bottom), (x, bottom + 4)], fill="black")
+        draw.text((x - 12, bottom + 6), f"{accuracy:g}", fill="black")
+    for fid in (1, 2, 5, 10, 20, 50, 100, 200):
+        if y_low <= math.log10(fid) <= y_high:
+            _, y = at(0.0, fid)
+            draw.line([(left - 4, y), (left, y)], fill="black")
+            draw.text((left - 28, y - 6), f"{fid}", fill="black")
     if reference:
-        _, y = at(x_low, reference)
+        _, y = at(0.0, reference)
         for x in range(left, right, 8):
             draw.line([(x, y), (min(x + 4, right), y)], fill="gray")
-        draw.text((left + 4, y - 12), f"unconditional demo: FID {reference:g}", fill="gray")
+        draw.text((left + 4, y + 2), f"unconditional demo: FID {reference:g}", fill="gray")
+    if goal:
+        x, _ = at(goal, 10 ** y_low)
+        for y in range(top, bottom, 8):
+            draw.line([(x, y), (x, min(y + 4, bottom))], fill="gray")
+        draw.text((x + 4, top + 4), f"accuracy {goal:g}", fill="gray")
     for w, row in means.items():
         x, y = at(row["accuracy"][0], row["fid"][0])
-        _, y_top = at(0, row["fid"][0] + row["fid"][1])
-        _, y_bottom = at(0, row["fid"][0] - row["fid"][1])
+        _, y_top = at(0.0, row["fid"][0] + row["fid"][1])
+        _, y_bottom = at(0.0, max(10 ** y_low, row["fid"][0] - row["fid"][1]))
         draw.line([(x, y_top), (x, y_bottom)], fill="blue")
         draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill="blue")
-        draw.text((x + 5, y - 5), f"w={w:g}", fill="black")
-    draw.text((left, height - margin + 8), f"label accuracy {x_low:.2f}", fill="black")
-    draw.text((right - 40, height - margin + 8), f"{x_high:.2f}", fill="black")
-    draw.text((4, top), f"FID {y_high:.1f}", fill="black")
-    draw.text((4, bottom - 10), f"{y_low:.1f}", fill="black")
-    draw.text((left, height - 20), "FID against label accuracy, mean and spread over the seeds", fill="black")
+        draw.text((x + 6, y - 6), f"w={w:g}", fill="black")
+    draw.text((4, top - 20), "FID (log)", fill="black")
+    draw.text((left, height - 34), "label accuracy (log of the error 1 - accuracy)", fill="black")
+    draw.text((left, height - 18), "mean and spread over the sampling seeds", fill="black")
     files.save_image(image, path)
 
 
@@ -171,7 +185,7 @@ def main():
                   flush=True)
     means = summary(done, args.scales)
     print(table(means))
-    plot(means, os.path.join(out, "guidance_curve.png"), args.reference_fid)
+    plot(means, os.path.join(out, "guidance_curve.png"), args.reference_fid, args.accuracy_goal)
     best = best_scale(means, args.accuracy_goal)
     for name, w in (("guidance_w1.png", 1.0), ("guidance_best.png", best)):
         if w in grids:

@@ -52,19 +52,26 @@ def spec_options(spec):
     return values
 
 
-def measure(config, net, evaluator, device):
-    """(FID, seconds of sampling per sample) of config's sampler on config.eval.num_images samples."""
-    sampler = build_sampler(config.sampling, config.diffusion, config.model.num_classes).to(device)
-    features, logits, sampling_seconds = [], [], 0.0
+def timed_batches(config, sampler, net, device):
+    """(images, seconds spent drawing them) for each batch of config.eval.num_images samples,
+    drawn as --eval draws them; the time the caller spends on a batch is not counted."""
     started = time.perf_counter()
     for _, images in evaluate.sample_batches(config, sampler, net, config.eval.num_images, device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        sampling_seconds += time.perf_counter() - started
+        yield images, time.perf_counter() - started
+        started = time.perf_counter()
+
+
+def measure(config, net, evaluator, device):
+    """(FID, seconds of sampling per sample) of config's sampler on config.eval.num_images samples."""
+    sampler = build_sampler(config.sampling, config.diffusion, config.model.num_classes).to(device)
+    features, logits, sampling_seconds = [], [], 0.0
+    for images, seconds in timed_batches(config, sampler, net, device):
+        sampling_seconds += seconds
         feature, logit = evaluator.features(images)
         features.append(feature)
         logits.append(logit)
-        started = time.perf_counter()
     scores = evaluator.score(torch.cat(features), torch.cat(logits))
     return scores["FID"], sampling_seconds / config.eval.num_images, len(sampler.timesteps), sampler.skip_type
 
