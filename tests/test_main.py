@@ -75,7 +75,12 @@ def test_gradient_accumulation_is_one_big_batch(tmp_path):
 
 
 def test_two_processes_equal_one(tmp_path):
-    common = ["--train", "--total_steps", "3", "--dropout", "0", "--save_step", "100", "--sample_step", "2"]
+    """DistributedDataParallel on 2 processes makes the one-process updates. The model is
+    class-conditional with half the labels dropped, so that each process's labels and their
+    drops must be its share of the global batch too (the unconditional path runs on two
+    processes in test_multinode.py, test_flips.py and test_recipes.py)."""
+    common = ["--train", "--total_steps", "3", "--dropout", "0", "--save_step", "100", "--sample_step", "2",
+              "--num_classes", "10", "--sample_size", "10", "--cond_drop_prob", "0.5"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_main(*common, "--logdir", one)
     run_main_process(*common, "--logdir", two, "--nprocs", "2", "--device", "cpu")
