@@ -39,5 +39,6 @@ def build_sampler(sampling, diffusion, num_classes=0):
     return GaussianDiffusionSampler(
         diffusion.betas(), diffusion.mean_type, diffusion.var_type, sampling.clip_denoised, sampling.sampler,
         sampling.sample_steps or None, skip_type=None if sampling.skip_type == "auto" else sampling.skip_type,
-        num_classes=num_classes, guidance_scale=sampling.guidance_scale,
+        num_classes=num_classes, guidance_scale=sampling.guidance_scale, karras_rho=sampling.karras_rho,
+        sigma_min=sampling.sigma_min, sigma_max=sampling.sigma_max,
         **{name: getattr(sampling, name) for name in OPTION_DEFAULTS})

@@ -179,8 +179,17 @@ class SamplingConfig(Section):
     solver_order: int = option(OPTION_DEFAULTS["solver_order"],
                                "order of the solvers; " + sampling.option_help("solver_order"))
     skip_type: str = option("auto", "which timesteps a strided sampler keeps: uniform or quadratic in "
-                                    "time, uniform in log-SNR (auto: the sampler's own, see README)",
-                            choices=("auto",) + SKIP_TYPES)
+                                    "time, uniform in log-SNR, Karras et al.'s sigmas (auto: the sampler's "
+                                    "own, see README)", choices=("auto",) + SKIP_TYPES)
+    karras_rho: float = option(7.0, "rho of the karras spacing (Karras et al. eq. 5)")
+    sigma_min: float = option(0.0, "the karras spacing's smallest sigma = sqrt((1 - abar) / abar) (0: the "
+                                   "chain's own, at t = 0)")
+    sigma_max: float = option(0.0, "the karras spacing's largest sigma (0: the chain's own, at its last t)")
+    churn: float = option(OPTION_DEFAULTS["churn"], "S_churn, the fresh noise of Karras et al.'s Algorithm 2 "
+                                                    "(0: Algorithm 1); " + sampling.option_help("churn"))
+    churn_tmin: float = option(OPTION_DEFAULTS["churn_tmin"], "S_tmin: churn only where sigma >= this")
+    churn_tmax: float = option(OPTION_DEFAULTS["churn_tmax"], "S_tmax: churn only where sigma <= this (0: no bound)")
+    churn_noise: float = option(OPTION_DEFAULTS["churn_noise"], "S_noise, the churned noise's scale")
     clip_denoised: bool = option(True, "clip x0_hat to [-1, 1] before forming the mean")
     ddim_eps: str = option(OPTION_DEFAULTS["ddim_eps"], "ddim's eps beside a clipped x0_hat: the network's own, or "
                                       "re-derived from the clipped x0_hat (from_x0)", choices=DDIM_EPS)
@@ -200,6 +209,14 @@ class SamplingConfig(Section):
         for label in self.class_labels:
             require(label.isdigit(), f"--class_labels takes class numbers 0, 1, ..., got {label!r}")
         require(self.sample_steps >= 0, f"--sample_steps must be >= 0 (0: all T), got {self.sample_steps}")
+        require(math.isfinite(self.karras_rho) and self.karras_rho > 0,
+                f"--karras_rho must be a finite number > 0, got {self.karras_rho}")
+        for name in ("sigma_min", "sigma_max"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value >= 0, f"--{name} must be a finite number >= 0 (0: the "
+                    f"chain's own), got {value}")
+        require(not (self.sigma_min and self.sigma_max) or self.sigma_min < self.sigma_max,
+                f"--sigma_min {self.sigma_min} must be below --sigma_max {self.sigma_max}")
         require(self.sampler in sampling.SAMPLERS, f"--sampler must be one of {', '.join(sampling.SAMPLERS)}, "
                                                    f"got {self.sampler!r}")
         try:

@@ -136,6 +136,9 @@ def protocol_record(config, sampler, evaluator, num_samples, step, ckpt_sha256, 
               "processes": distributed.world_size(),
               "torch": torch.__version__, "wall_time_s": round(time.time() - started, 1)}
     record.update(sampler.step.record())  # the sampler's own fields: what ran (solver_order: the order reached)
+    if sampler.skip_type == "karras":
+        record.update(karras_rho=sampling.karras_rho, sigma_min=sampling.sigma_min or "chain's",
+                      sigma_max=sampling.sigma_max or "chain's")
     if config.model.num_classes:
         record.update(num_classes=config.model.num_classes, guidance_scale=sampling.guidance_scale,
                       class_labels=list(sampling.labels) or "balanced")

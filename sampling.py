@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from diffusion import LEARNED_VARIANCES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion, check_choice, usable_steps
+from edm import EulerAncestralStep, HeunStep
 from solvers import DPMSolverPPStep, DPMSolverSinglestepStep, SDEDPMSolverPPStep, UniPCStep
 from steps import AncestralStep, DDIMStep
 
-SKIP_TYPES = ("uniform", "quadratic", "logsnr")
+SKIP_TYPES = ("uniform", "quadratic", "logsnr", "karras")
 # the spacing a sampler gets when none is asked for (skip_type None): quadratic, the best or
 # within 1 FID of the best for every sampler here at 10 and 20 evaluations on the digits
 # demo's model (BENCHMARKS.md, 2026-11-30), where uniform spacing's last step, from t = T/N
@@ -25,8 +26,9 @@ SAMPLERS = {}
 # the sampling flags a sampler may take as its options, with their defaults (config.py's). A
 # sampler that does not take one ignores it, but for eta: a noise scale that would do nothing
 # is refused rather than ignored.
-OPTION_DEFAULTS = {"eta": 0.0, "solver_order": 0, "ddim_eps": "network"}
-REFUSED_UNLESS_TAKEN = ("eta",)
+OPTION_DEFAULTS = {"eta": 0.0, "solver_order": 0, "ddim_eps": "network", "churn": 0.0, "churn_tmin": 0.0,
+                   "churn_tmax": 0.0, "churn_noise": 1.0}
+REFUSED_UNLESS_TAKEN = ("eta", "churn")
 
 
 def register(step_class):
@@ -37,7 +39,7 @@ def register(step_class):
 
 
 for _builtin in (AncestralStep, DDIMStep, DPMSolverPPStep, SDEDPMSolverPPStep, DPMSolverSinglestepStep,
-                 UniPCStep):
+                 UniPCStep, HeunStep, EulerAncestralStep):
     register(_builtin)
 
 
@@ -87,7 +89,7 @@ def option_help(flag):
     return "; ".join(f"{name}: {option.accepts()}" for name, option in found)
 
 
-def sample_timesteps(alphas_bar, steps, skip_type):
+def sample_timesteps(alphas_bar, steps, skip_type, karras=(7.0, 0.0, 0.0)):
     """The timesteps a fast sampler visits, one network evaluation each, ascending.
 
     uniform:   floor(k T / steps) for k = 0..steps-1, which is the official DDIM code's
@@ -105,6 +107,10 @@ def sample_timesteps(alphas_bar, steps, skip_type):
                linearly in lambda and rounding. Rounding can repeat a timestep near t = 0,
                where lambda moves fastest; a repeat moves up to the next free timestep, so
                there are always `steps` of them.
+    karras:    Karras et al.'s spacing (`karras_sigmas`) of the noise level sigma_t =
+               sqrt((1 - abar_t) / abar_t) from sigma_max down to sigma_min (karras: (rho,
+               sigma_min, sigma_max), a 0 for the chain's own end: sigma_{T'-1}, sigma_0), each
+               taken to the training step nearest in log sigma, repeats moved up as logsnr's.
     steps = T is the full chain whatever the skip type.
 
     No sampler can start where abar_t = 0 (the jsd schedule's t = T-1): x_t holds nothing of
@@ -128,12 +134,26 @@ def sample_timesteps(alphas_bar, steps, skip_type):
         return list(range(usable))
     if steps == 1:
         return [usable - 1]
+    if skip_type == "karras":
+        rho, sigma_min, sigma_max = karras
+        sigma = np.sqrt((1.0 - abar[:usable]) / abar[:usable])  # increasing in t
+        targets = karras_sigmas(min(steps, usable), sigma_min or sigma[0], sigma_max or sigma[-1], rho)
+        kept = np.abs(np.log(sigma)[None, :] - np.log(targets)[:, None]).argmin(axis=1)
+        return distinct_ascending(kept, usable)
     if skip_type != "logsnr":
         return sorted({min(t, usable - 1) for t in spaced_in_time(T, steps, skip_type)})
     lam = 0.5 * (np.log(abar[:usable]) - np.log1p(-abar[:usable]))  # decreasing in t
     targets = np.linspace(lam[-1], lam[0], min(steps, usable))
     kept = np.rint(np.interp(targets, lam[::-1], np.arange(usable)[::-1])).astype(int)
     return distinct_ascending(kept, usable)
+
+
+def karras_sigmas(count, sigma_min, sigma_max, rho=7.0):
+    """Karras et al. (2022) eq. 5: sigma_i = (sigma_max^(1/rho) + i / (count - 1) (sigma_min^(1/rho)
+    - sigma_max^(1/rho)))^rho for i = 0..count-1, from sigma_max down to sigma_min, in float64
+    (k-diffusion's get_sigmas_karras without the 0 it appends)."""
+    ramp = np.linspace(0.0, 1.0, count)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
 def spaced_in_time(T, steps, skip_type):
@@ -188,10 +208,14 @@ class GaussianDiffusionSampler(GaussianDiffusion):
     chain; a "learned_range" one is a fraction between beta and betatilde, which the respaced
     chain takes of its own steps. The solvers (solvers.py) solve the diffusion ODE (SDE) from
     the data prediction x0_hat, one network evaluation per kept timestep, of order
-    solver_order (0: the sampler's DEFAULT_ORDER; ddpm and ddim ignore it). Every sampler is
-    a `SAMPLERS` class; eta, solver_order and ddim_eps go to those that take them
-    (`sampler_options`). sample_steps=None means T. Constructing one validates a sampling
-    configuration without a network.
+    solver_order (0: the sampler's DEFAULT_ORDER; ddpm and ddim ignore it). "heun" and
+    "euler_ancestral" are Karras et al.'s samplers (edm.py); heun spends two evaluations per
+    kept timestep but the last. Every sampler is a `SAMPLERS` class; eta, solver_order,
+    ddim_eps and the churn options go to those that take them (`sampler_options`), and
+    sample_steps counts network evaluations, which the sampler turns into kept timesteps
+    (`SamplerStep.steps_for`). karras_rho, sigma_min and sigma_max shape the karras spacing.
+    sample_steps=None means T. Constructing one validates a sampling configuration without a
+    network.
 
     No sampler visits a timestep whose abar_t is 0 (jsd's t = T-1, where x0_hat of an epsilon
     model is 0/0 and the solvers' lambda is -inf): x_T ~ N(0, I) enters at the last t with
@@ -210,7 +234,8 @@ class GaussianDiffusionSampler(GaussianDiffusion):
 
     def __init__(self, betas, mean_type="epsilon", var_type="fixedlarge", clip_denoised=True,
                  sampler="ddpm", sample_steps=None, eta=0.0, skip_type=None, solver_order=0,
-                 ddim_eps="network", num_classes=0, guidance_scale=1.0):
+                 ddim_eps="network", num_classes=0, guidance_scale=1.0, churn=0.0, churn_tmin=0.0, churn_tmax=0.0,
+                 churn_noise=1.0, karras_rho=7.0, sigma_min=0.0, sigma_max=0.0):
         super().__init__(betas)
         self.num_classes, self.guidance_scale = num_classes, guidance_scale
         check_choice("mean_type", mean_type, MEAN_TYPES)
@@ -221,8 +246,12 @@ class GaussianDiffusionSampler(GaussianDiffusion):
         sample_steps = self.T if sample_steps is None else sample_steps
         if not 1 <= sample_steps <= self.T:
             raise ValueError(f"sample_steps must be in 1..T = 1..{self.T}, got {sample_steps}")
-        options = sampler_options(sampler, {"eta": eta, "solver_order": solver_order, "ddim_eps": ddim_eps})
-        self.timesteps = sample_timesteps(self.alphas_bar, sample_steps, self.skip_type)
+        options = sampler_options(sampler, {"eta": eta, "solver_order": solver_order, "ddim_eps": ddim_eps,
+                                            "churn": churn, "churn_tmin": churn_tmin, "churn_tmax": churn_tmax,
+                                            "churn_noise": churn_noise})
+        self.karras = (karras_rho, sigma_min, sigma_max)
+        self.timesteps = sample_timesteps(self.alphas_bar, step_class.steps_for(sample_steps), self.skip_type,
+                                          self.karras)
         self.step = step_class.make(self.betas, self.timesteps, mean_type, var_type, clip_denoised, **options)
 
     def network_output(self, net, x_t, t, labels=None):
@@ -273,11 +302,12 @@ class GaussianDiffusionSampler(GaussianDiffusion):
         if t not in self.timesteps:
             nearest = min(self.timesteps, key=lambda kept: abs(kept - t))
             raise ValueError(f"t={t} is not one of this sampler's timesteps (nearest: {nearest})")
+        def network(x, t):
+            return self.network_output(net, x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device),
+                                       labels)
         self.step.reset()
         for i in reversed(range(self.timesteps.index(t) + 1)):
-            batch_t = torch.full((x_t.shape[0],), self.timesteps[i], dtype=torch.long,
-                                 device=x_t.device)
-            x_prev, x0_hat = self.step(self.network_output(net, x_t, batch_t, labels), x_t, i, generator)
+            x_prev, x0_hat = self.step.advance(network, x_t, i, generator)
             yield StepRecord(i, self.timesteps[i], x_t, x0_hat, x_prev)
             x_t = x_prev
 

@@ -45,7 +45,7 @@ class SamplerStep(nn.Module):
     at i = 0), given the network's output at (x_t, t_i).
 
     `forward(output, x_t, i, generator)` returns (x at the previous kept timestep, x0_hat); the
-    sampling loop calls it for i descending and calls `reset` at the start of every chain, so
+    sampling loop calls it through `advance` for i descending and calls `reset` at the start of every chain, so
     a step may keep state between the steps of one chain (a multistep solver's earlier
     x0_hat). Noise is drawn from `generator`, in the working dtype of x_t.
 
@@ -87,6 +87,17 @@ class SamplerStep(nn.Module):
     def describe(cls, record):
         """Its words after "<NAME> sampler" in the line of a protocol record."""
         return ""
+
+    @classmethod
+    def steps_for(cls, evaluations):
+        """How many kept timesteps --sample_steps' evaluations of the network make: one each."""
+        return evaluations
+
+    def advance(self, network, x_t, i, generator=None):
+        """(x at the previous kept timestep, x0_hat): the step from kept timestep i, asking
+        network(x, t) (t a training timestep) what it needs. Here: once at (x_t, t_i), then
+        `forward`; a step that evaluates elsewhere or more than once overrides this."""
+        return self(network(x_t, self.timesteps[i]), x_t, i, generator)
 
     def reset(self):
         """The start of a new chain: forget what earlier steps left. These steps keep nothing."""

@@ -15,7 +15,7 @@ the seeds) is printed at the end.
 
 A sampler spec is a --sampler name with options after colons: `ddim:from_x0` (DDIM's eps
 re-derived from the clipped x0_hat; plain `ddim` keeps the network's), `dpm_solver++:3` (order
-3; the sampler's default order without one).
+3; the sampler's default order without one), `heun:churn=10` (a sampling flag and its value).
 """
 import argparse
 import json
@@ -41,12 +41,16 @@ DEFAULT_SAMPLERS = ["ddpm", "ddim", "ddim:from_x0", "dpm_solver++", "dpm_solver+
 
 
 def spec_options(spec):
-    """{--sampler, --solver_order, --ddim_eps} of a spec such as dpm_solver++:3 or ddim:from_x0."""
+    """{--sampler and its options} of a spec such as dpm_solver++:3, ddim:from_x0 or
+    heun:churn=10."""
     name, *options = spec.split(":")
     values = {"sampler": name, "solver_order": 0, "ddim_eps": "network"}
     for option in options:
         if option.isdigit():
             values["solver_order"] = int(option)
+        elif "=" in option:
+            flag, value = option.split("=")
+            values[flag] = float(value)
         else:
             values["ddim_eps"] = option
     return values
@@ -73,7 +77,8 @@ def measure(config, net, evaluator, device):
         features.append(feature)
         logits.append(logit)
     scores = evaluator.score(torch.cat(features), torch.cat(logits))
-    return scores["FID"], sampling_seconds / config.eval.num_images, len(sampler.timesteps), sampler.skip_type
+    evaluations = sampler.step.record().get("evaluations", len(sampler.timesteps))  # heun: 2 per step but the last
+    return scores["FID"], sampling_seconds / config.eval.num_images, evaluations, sampler.skip_type
 
 
 def table(rows, seeds):

@@ -51,6 +51,7 @@ UNTRUSTED = "test_untrusted_files.py"
 ENDS = "test_schedule_ends.py"
 NEW_SAMPLER = "test_new_sampler.py"
 GUIDANCE = "test_guidance.py"
+EDM = "test_edm.py"
 LOCK_TEST = "test_the_lock_follows_no_link_and_writes_nothing_but_its_own_regular_file"
 SIZES_TEST = "test_sizes_that_cannot_fit_are_one_line_with_the_bytes_before_anything_is_built"
 SIZES_T = "--T 1,000,000 needs at least 389.1 MB for the schedule alone"
@@ -577,6 +578,42 @@ MUTANTS = [
            "gen = generator(device, seed, LABEL_DROP, step)", "gen = generator(device, seed, TIMESTEP_NOISE, step)",
            tests_of(GUIDANCE, "test_labels_are_dropped_at_the_asked_rate_from_a_stream_of_the_step",
                     "test_label_dropout_is_the_same_on_any_number_of_processes_and_micro_batches")),
+    # ---- Karras et al.'s samplers and spacing (issue 27)
+    Mutant("heun_without_its_correction", "edm", "edm.py",
+           "        if sigma_next > 0:\n            t_next", "        if False:\n            t_next",
+           tests_of(EDM, "test_heun_is_algorithm_1", "test_heun_converges_at_second_order_on_gaussian_data")),
+    Mutant("heun_churn_not_divided_by_the_steps", "edm", "edm.py",
+           "min(self.churn / len(self.timesteps), ", "min(self.churn, ",
+           tests_of(EDM, "test_heun_with_churn_is_algorithm_2")),
+    Mutant("churn_asks_the_kept_timestep", "edm", "edm.py",
+           "            t_hat = self.nearest_timestep(sigma_hat)\n", "",
+           tests_of(EDM, "test_heun_with_churn_is_algorithm_2")),
+    Mutant("denoiser_input_unscaled", "edm", "edm.py",
+           "network(x / math.sqrt(1.0 + sigma_hat ** 2), t_hat)", "network(x, t_hat)",
+           tests_of(EDM, "test_heun_is_algorithm_1")),
+    Mutant("euler_ancestral_up_and_down_swapped", "edm", "edm.py",
+           "sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)\n        x_next = x + (sigma_down - sigma)",
+           "sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)\n        x_next = x + (sigma_up - sigma)",
+           tests_of(EDM, "test_euler_ancestral_is_k_diffusions_step")),
+    Mutant("edm_output_read_as_eps", "edm", "edm.py",
+           '        if self.mean_type == "epsilon":\n            eps = output', '        if True:\n            eps = output',
+           tests_of(EDM, "test_every_mean_type_is_sampled_through_its_own_x0_prediction")),
+    Mutant("heun_one_step_per_evaluation", "edm", "edm.py",
+           "return (evaluations + 1) // 2", "return evaluations",
+           tests_of(EDM, "test_heun_is_algorithm_1")),
+    Mutant("churn_ignored_by_other_samplers", "edm", "sampling.py",
+           'REFUSED_UNLESS_TAKEN = ("eta", "churn")', 'REFUSED_UNLESS_TAKEN = ("eta",)',
+           tests_of(EDM, "test_options_that_cannot_work_are_one_line_and_heuns_record_counts_its_evaluations")),
+    Mutant("heun_record_claims_the_steps_asked", "edm", "edm.py",
+           '"evaluations": 2 * len(self.timesteps) - 1', '"evaluations": 2 * len(self.timesteps)',
+           tests_of(EDM, "test_options_that_cannot_work_are_one_line_and_heuns_record_counts_its_evaluations")),
+    Mutant("karras_nearest_in_sigma", "edm", "sampling.py",
+           "kept = np.abs(np.log(sigma)[None, :] - np.log(targets)[:, None]).argmin(axis=1)",
+           "kept = np.abs(sigma[None, :] - targets[:, None]).argmin(axis=1)",
+           tests_of(EDM, "test_karras_sigmas_are_eq_5_and_the_spacing_the_nearest_training_steps")),
+    Mutant("karras_ramp_reversed", "edm", "sampling.py",
+           "ramp = np.linspace(0.0, 1.0, count)", "ramp = np.linspace(1.0, 0.0, count)",
+           tests_of(EDM, "test_karras_sigmas_are_eq_5_and_the_spacing_the_nearest_training_steps")),
 ]
 
 

@@ -130,7 +130,7 @@ def test_every_field_of_the_model_diffusion_and_sampling_reaches_the_evaluation_
             continue  # no valid neighbour from here (e.g. eta with ddpm)
         assert key(other) != key(base), item.name
         tried += 1
-    assert tried >= len(dataclasses.fields(section)) - (section is config.SamplingConfig)  # eta
+    assert tried >= len(dataclasses.fields(section)) - 2 * (section is config.SamplingConfig)  # eta, churn: not ddpm's
 
 
 def test_resume_refuses_a_new_schedule_or_layout_and_lets_the_rest_change(tmp_path):
