@@ -18,11 +18,15 @@ re-derived from the clipped x0_hat; plain `ddim` keeps the network's), `dpm_solv
 3; the sampler's default order without one), `heun:churn=10` (a sampling flag and its value).
 """
 import argparse
+import importlib
+import importlib.util
+import inspect
 import json
 import os
 import statistics
 import sys
 import time
+import types
 
 import torch
 
@@ -67,9 +71,61 @@ def timed_batches(config, sampler, net, device):
         started = time.perf_counter()
 
 
-def measure(config, net, evaluator, device):
-    """(FID, seconds of sampling per sample) of config's sampler on config.eval.num_images samples."""
-    sampler = build_sampler(config.sampling, config.diffusion, config.model.num_classes).to(device)
+def k_diffusion_sampling():
+    """(k_diffusion.sampling, k_diffusion.external), imported without the package's __init__,
+    which imports every submodule and their dependencies (kornia, CLIP, ...): k-diffusion is
+    installed without them (requirements-nodeps.txt). ImportError when it is not installed."""
+    if "k_diffusion" not in sys.modules:
+        spec = importlib.util.find_spec("k_diffusion")
+        if spec is None:
+            raise ImportError("k-diffusion is not installed: pip install --no-deps -r requirements-nodeps.txt")
+        package = types.ModuleType("k_diffusion")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["k_diffusion"] = package
+    return importlib.import_module("k_diffusion.sampling"), importlib.import_module("k_diffusion.external")
+
+
+# k-diffusion's samplers as reference rows (spec "k:NAME"): the function, and its steps for
+# a number of network evaluations
+K_SAMPLERS = {"heun": ("sample_heun", lambda evaluations: (evaluations + 1) // 2),
+              "euler_ancestral": ("sample_euler_ancestral", lambda evaluations: evaluations),
+              "dpmpp_2m": ("sample_dpmpp_2m", lambda evaluations: evaluations),
+              "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", lambda evaluations: evaluations)}
+
+
+class KDiffusionSampler:
+    """k-diffusion's sampler NAME driving an eps network as `evaluate.sample_batches` drives
+    ours: from the same x_T (times sigma_max), on get_sigmas_karras of the chain's own sigma
+    range, the network asked through its DiscreteEpsDDPMDenoiser(quantize=True) with D clipped
+    to [-1, 1] as --clip_denoised clips x0_hat; the stochastic ones' noise from the batch's
+    generator."""
+
+    def __init__(self, name, evaluations, alphas_bar, device):
+        self.sampling, self.external = k_diffusion_sampling()
+        function, steps_for = K_SAMPLERS[name]
+        self.function, self.steps, self.alphas_bar = getattr(self.sampling, function), steps_for(evaluations), alphas_bar
+        self.evaluations = 2 * self.steps - 1 if name == "heun" else self.steps
+        self.device = device
+
+    def __call__(self, net, x_T, generator=None, labels=None):
+        denoiser = self.external.DiscreteEpsDDPMDenoiser(net, self.alphas_bar.to(self.device, torch.float32),
+                                                         quantize=True)
+        sigmas = self.sampling.get_sigmas_karras(self.steps, denoiser.sigma_min.item(), denoiser.sigma_max.item(),
+                                                 device=self.device)
+        options = {}
+        if "noise_sampler" in inspect.signature(self.function).parameters:
+            options["noise_sampler"] = lambda sigma, sigma_next: torch.randn(x_T.shape, generator=generator,
+                                                                             device=x_T.device)
+        x = self.function(lambda x, sigma: denoiser(x, sigma).clamp(-1.0, 1.0), x_T * sigmas[0], sigmas,
+                          disable=True, **options)
+        return x.clamp(-1.0, 1.0)
+
+
+def measure(config, net, evaluator, device, sampler=None):
+    """(FID, seconds of sampling per sample, evaluations, spacing) of config's sampler, or of
+    the KDiffusionSampler given, on config.eval.num_images samples."""
+    reference = sampler
+    sampler = reference or build_sampler(config.sampling, config.diffusion, config.model.num_classes).to(device)
     features, logits, sampling_seconds = [], [], 0.0
     for images, seconds in timed_batches(config, sampler, net, device):
         sampling_seconds += seconds
@@ -77,6 +133,8 @@ def measure(config, net, evaluator, device):
         features.append(feature)
         logits.append(logit)
     scores = evaluator.score(torch.cat(features), torch.cat(logits))
+    if reference:
+        return scores["FID"], sampling_seconds / config.eval.num_images, reference.evaluations, "karras (continuous)"
     evaluations = sampler.step.record().get("evaluations", len(sampler.timesteps))  # heun: 2 per step but the last
     return scores["FID"], sampling_seconds / config.eval.num_images, evaluations, sampler.skip_type
 
@@ -138,8 +196,14 @@ def main():
                 for seed in args.seeds:
                     if (spec, skip, count, seed) in finished:
                         continue
-                    config = base.replace(**spec_options(spec), skip_type=skip, sample_steps=count, seed=seed)
-                    fid, seconds, evaluations, resolved = measure(config, ema, evaluator, device)
+                    if spec.startswith("k:"):  # k-diffusion's own sampler: its karras sigmas, skip ignored
+                        config = base.replace(sample_steps=count, seed=seed)
+                        alphas_bar = torch.cumprod(1 - torch.as_tensor(base.diffusion.betas(), dtype=torch.float64), 0)
+                        reference = KDiffusionSampler(spec[2:], count, alphas_bar, device)
+                        fid, seconds, evaluations, resolved = measure(config, ema, evaluator, device, reference)
+                    else:
+                        config = base.replace(**spec_options(spec), skip_type=skip, sample_steps=count, seed=seed)
+                        fid, seconds, evaluations, resolved = measure(config, ema, evaluator, device)
                     row = {"spec": spec, "skip_asked": skip, "skip_type": resolved, "steps_asked": count,
                            "steps": evaluations, "seed": seed, "fid": fid, "seconds_per_sample": seconds,
                            "checkpoint": ckpt_sha256, "num_images": args.num_images, "device": name,

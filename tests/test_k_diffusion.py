@@ -6,20 +6,17 @@ wrapper for discrete DDPM models, `DiscreteEpsDDPMDenoiser(quantize=True)`.
 k-diffusion is a test-only dependency, installed without its dependencies (the set-up command
 in the README): its metadata pins numpy < 2 through dctorch, which none of the modules used
 here imports. Its package __init__ imports every submodule (kornia, clean-fid, CLIP, ...), so
-the two modules used are imported without it.
+the two modules used are imported without it (bench.samplers.k_diffusion_sampling, which the
+benchmark's reference rows use too).
 
 The definitions are the same but for one: k-diffusion's wrapper does not clip D, so the
 comparison runs with --noclip_denoised (test_edm.py checks the clipped D against Algorithm 2).
 """
-import importlib
-import importlib.util
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
 
+from bench.samplers import k_diffusion_sampling
 from diffusion import GaussianDiffusionSampler
 from sampling import karras_sigmas
 from test_edm import EpsToy
@@ -27,15 +24,10 @@ from test_samplers import BETAS, SHAPE, schedule
 
 
 def k_diffusion_modules():
-    """(k_diffusion.sampling, k_diffusion.external), imported without the package's __init__."""
-    if "k_diffusion" not in sys.modules:
-        spec = importlib.util.find_spec("k_diffusion")
-        if spec is None:
-            pytest.skip("k-diffusion is not installed")
-        package = types.ModuleType("k_diffusion")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["k_diffusion"] = package
-    return importlib.import_module("k_diffusion.sampling"), importlib.import_module("k_diffusion.external")
+    try:
+        return k_diffusion_sampling()
+    except ImportError as error:
+        pytest.skip(str(error))
 
 
 class Draws:
