@@ -174,7 +174,8 @@ class SamplingConfig(Section):
     # the help of the samplers' flags and their checks come from the samplers' declarations
     # (sampling.py), so that a registered sampler is a choice too
     sampler: str = option("ddpm", sampling.option_help("sampler"))
-    sample_steps: int = option(0, "sampler steps, one network evaluation each (0: all T)")
+    sample_steps: int = option(0, "network evaluations per sample, one per sampler step but heun's two "
+                                  "(0: all T)")
     eta: float = option(OPTION_DEFAULTS["eta"], "noise scale (0: deterministic); " + sampling.option_help("eta"))
     solver_order: int = option(OPTION_DEFAULTS["solver_order"],
                                "order of the solvers; " + sampling.option_help("solver_order"))
