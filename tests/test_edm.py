@@ -210,3 +210,20 @@ def test_options_that_cannot_work_are_one_line_and_heuns_record_counts_its_evalu
     record = sampler.step.record()
     assert len(sampler.timesteps) == 5 and record["evaluations"] == 9 and record["churn"] == 3.0
     assert "9 evaluations, churn 3.0 in [0.0, inf]" in type(sampler.step).describe(record)
+
+
+@pytest.mark.parametrize("var_type", ["learned", "learned_range"])
+def test_a_learned_variance_is_ignored_and_only_its_mean_half_sampled(var_type):
+    """Both samplers take D from the mean half of a learned-variance model's 2C channels: the
+    same samples as the fixed-variance eps model, whatever the variance half says. Catches the
+    two halves read as one output."""
+    class Learned(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.cat([EpsToy()(x, t), torch.sin(7 * x) + t.view(-1, 1, 1, 1)], dim=1)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    for name, churn in (("heun", 4.0), ("euler_ancestral", 0.0)):
+        options = dict(sampler=name, sample_steps=9, skip_type="karras", churn=churn)
+        fixed = GaussianDiffusionSampler(BETAS, **options)(EpsToy(), x_T, generator=torch.Generator().manual_seed(8))
+        learned = GaussianDiffusionSampler(BETAS, var_type=var_type, **options)(
+            Learned(), x_T, generator=torch.Generator().manual_seed(8))
+        torch.testing.assert_close(learned, fixed, rtol=0, atol=0)
