@@ -147,6 +147,16 @@ def protocol_record(config, sampler, evaluator, num_samples, step, ckpt_sha256, 
     return record
 
 
+def karras_words(record):
+    """The karras spacing's parameters in a record's line, if it is the spacing used."""
+    if "karras_rho" not in record:
+        return ""
+    low, high = (record[name] for name in ("sigma_min", "sigma_max"))
+    if low == high == "chain's":
+        return f" (rho {record['karras_rho']}, the chain's sigmas)"
+    return f" (rho {record['karras_rho']}, sigma {low} to {high})"
+
+
 def describe(record):
     """One line of a protocol record."""
     statistics = (f"statistics {record['statistics']} ({record.get('statistics_sha256')})"
@@ -158,7 +168,8 @@ def describe(record):
     text = (f"{record['num_samples']:,} samples of the EMA model at step {record['checkpoint_step']} "
             f"(ckpt {record['checkpoint_sha256']}); {record.get('beta_schedule', 'linear')} schedule, "
             f"{record['sampler']} sampler{sampler_words}, {record['steps']} steps, "
-            f"eta {record['eta']}, {record['skip_type']} skips, "
+            f"eta {record['eta']}, {record['skip_type']} skips"
+            f"{karras_words(record)}, "
             f"{'clipped' if record['clip_denoised'] else 'unclipped'} x0; "
             f"{record['feature_network']} features ({record['feature_weights_sha256']}), {statistics}, "
             f"{'8-bit' if record['quantize'] else 'float'} samples; seed {record['seed']}, "

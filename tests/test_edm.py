@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 from config import Config, ConfigError
 from diffusion import GaussianDiffusionSampler
 from sampling import karras_sigmas, sample_timesteps
@@ -227,3 +228,16 @@ def test_a_learned_variance_is_ignored_and_only_its_mean_half_sampled(var_type):
         learned = GaussianDiffusionSampler(BETAS, var_type=var_type, **options)(
             Learned(), x_T, generator=torch.Generator().manual_seed(8))
         torch.testing.assert_close(learned, fixed, rtol=0, atol=0)
+
+
+def test_the_protocol_record_names_the_karras_spacing_and_heuns_evaluations(tmp_path):
+    """eval.txt's record of a karras-spaced heun run holds rho, the sigma range and the
+    evaluations, and its line says them. Catches a karras score recorded as if spaced by
+    the defaults."""
+    config = Config.make(dataset="digits", img_size=8, img_channels=1, T=40, sampler="heun", sample_steps=9,
+                         skip_type="karras", karras_rho=3.0, sigma_max=5.0, logdir=str(tmp_path))
+    record = evaluate.protocol_record(config, config.sampler(), None, 10, 0, "abc", 0.0)
+    assert (record["karras_rho"], record["sigma_min"], record["sigma_max"]) == (3.0, "chain's", 5.0)
+    assert record["evaluations"] == 9 and record["steps"] == 5
+    assert "heun sampler (9 evaluations), 5 steps" in evaluate.describe(record)
+    assert "karras skips (rho 3.0, sigma chain's to 5.0)" in evaluate.describe(record)
