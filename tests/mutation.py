@@ -52,6 +52,7 @@ ENDS = "test_schedule_ends.py"
 NEW_SAMPLER = "test_new_sampler.py"
 GUIDANCE = "test_guidance.py"
 EDM = "test_edm.py"
+METRICS = "test_distribution_metrics.py"
 LOCK_TEST = "test_the_lock_follows_no_link_and_writes_nothing_but_its_own_regular_file"
 SIZES_TEST = "test_sizes_that_cannot_fit_are_one_line_with_the_bytes_before_anything_is_built"
 SIZES_T = "--T 1,000,000 needs at least 389.1 MB for the schedule alone"
@@ -628,6 +629,34 @@ MUTANTS = [
     Mutant("karras_ramp_reversed", "edm", "sampling.py",
            "ramp = np.linspace(0.0, 1.0, count)", "ramp = np.linspace(1.0, 0.0, count)",
            tests_of(EDM, "test_karras_sigmas_are_eq_5_and_the_spacing_the_nearest_training_steps")),
+    # ---- metrics beyond FID (issue 27)
+    Mutant("neighbour_radius_counts_the_point_itself", "metrics", "score/distribution.py",
+           ".kthvalue(k + 1, dim=1)", ".kthvalue(k, dim=1)",
+           tests_of(METRICS, "test_precision_recall_density_coverage_equal_prdc")),
+    Mutant("precision_and_recall_swapped", "metrics", "score/distribution.py",
+           'return {"precision": precise.double().mean().item(), "recall": recalled.double().mean().item(),',
+           'return {"precision": recalled.double().mean().item(), "recall": precise.double().mean().item(),',
+           tests_of(METRICS, "test_precision_recall_density_coverage_equal_prdc")),
+    Mutant("closed_balls", "metrics", "score/distribution.py",
+           "inside = distances < real_dc[i:i + BLOCK, None]", "inside = distances <= real_dc[i:i + BLOCK, None]",
+           tests_of(METRICS, "test_identical_sets_and_far_apart_sets_are_the_extremes")),
+    Mutant("blocks_offset", "metrics", "score/distribution.py",
+           "recalled[i:i + BLOCK] = (distances < fake_pr[None, :]).any(dim=1)",
+           "recalled[:len(distances)] |= (distances < fake_pr[None, :]).any(dim=1)",
+           tests_of(METRICS, "test_blocks_change_nothing")),
+    Mutant("kid_biased_mmd", "metrics", "score/distribution.py",
+           "within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))",
+           "within = (k_xx.sum() + k_yy.sum()) / m ** 2",
+           tests_of(METRICS, "test_the_unbiased_mmd_of_a_hand_made_case")),
+    Mutant("kid_kernel_without_the_dimension", "metrics", "score/distribution.py",
+           "return (a @ b.T / a.shape[1] + 1.0) ** 3", "return (a @ b.T + 1.0) ** 3",
+           tests_of(METRICS, "test_kid_equals_torchmetrics_on_the_same_subsets")),
+    Mutant("kid_sample_std", "metrics", "score/distribution.py",
+           'values.std(unbiased=False).item()', 'values.std().item()',
+           tests_of(METRICS, "test_kid_equals_torchmetrics_on_the_same_subsets")),
+    Mutant("non_finite_features_scored", "metrics", "score/distribution.py",
+           "    if not torch.isfinite(features).all():", "    if False:",
+           tests_of(METRICS, "test_features_that_are_not_finite_or_do_not_fit_are_one_line")),
 ]
 
 
