@@ -46,10 +46,11 @@ def precision_recall_density_coverage(real, fake, k_pr=3, k_dc=5):
         raise ValueError(f"real features have {real.shape[1]} dimensions, generated ones {fake.shape[1]}")
     real_pr, fake_pr = neighbour_radii(real, k_pr), neighbour_radii(fake, k_pr)
     real_dc = real_pr if k_dc == k_pr else neighbour_radii(real, k_dc)
-    precise = torch.zeros(len(fake), dtype=torch.bool)
-    recalled = torch.zeros(len(real), dtype=torch.bool)
-    balls_holding = torch.zeros(len(fake), dtype=torch.float64)
-    covered = torch.zeros(len(real), dtype=torch.bool)
+    fake = fake.to(real.device)
+    precise = torch.zeros(len(fake), dtype=torch.bool, device=real.device)
+    recalled = torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    balls_holding = torch.zeros(len(fake), dtype=torch.float64, device=real.device)
+    covered = torch.zeros(len(real), dtype=torch.bool, device=real.device)
     for i in range(0, len(real), BLOCK):
         distances = torch.cdist(real[i:i + BLOCK], fake)  # (block of real, M)
         precise |= (distances < real_pr[i:i + BLOCK, None]).any(dim=0)
@@ -87,11 +88,11 @@ def kernel_inception_distance(real, fake, num_subsets=100, subset_size=1000, see
     if min(len(real), len(fake)) < subset_size or subset_size < 2:
         raise ValueError(f"KID subsets of {subset_size} need at least that many samples of each set, "
                          f"got {len(real)} real and {len(fake)} generated")
-    generator = torch.Generator().manual_seed(seed)
-    values = []
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same subsets on any device
+    values, fake = [], fake.to(real.device)
     for _ in range(num_subsets):
-        real_subset = real[torch.randperm(len(real), generator=generator)[:subset_size]]
-        fake_subset = fake[torch.randperm(len(fake), generator=generator)[:subset_size]]
+        real_subset = real[torch.randperm(len(real), generator=generator)[:subset_size].to(real.device)]
+        fake_subset = fake[torch.randperm(len(fake), generator=generator)[:subset_size].to(real.device)]
         values.append(unbiased_mmd2(real_subset, fake_subset))
     values = torch.stack(values)
     return {"KID": values.mean().item(), "KID_std": values.std(unbiased=False).item()}
