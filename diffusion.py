@@ -146,6 +146,19 @@ def usable_steps(alphas_bar):
     return int((torch.as_tensor(alphas_bar) > 0).sum())
 
 
+def noise_levels(alphas_bar):
+    """sigma_t = sqrt((1 - abar_t) / abar_t) of the timesteps with abar_t > 0, float64 numpy:
+    Karras et al.'s noise level, x_t / sqrt(abar_t) = x_0 + sigma_t eps (eq. 4 rescaled)."""
+    abar = np.asarray(alphas_bar, dtype=np.float64)[:usable_steps(alphas_bar)]
+    return np.sqrt((1.0 - abar) / abar)
+
+
+def nearest_in_log(levels, targets):
+    """For each target sigma, the index of the level nearest it in log sigma (sigma spans
+    orders of magnitude over a chain)."""
+    return np.abs(np.log(levels)[None, :] - np.log(np.atleast_1d(targets))[:, None]).argmin(axis=1)
+
+
 
 class GaussianDiffusion(nn.Module):
     """The noise schedule and every derived coefficient, as float64 buffers.

@@ -19,10 +19,9 @@ epsilon model at sigma_hat had it been trained there, a fraction of a step off o
 """
 import math
 
-import numpy as np
 import torch
 
-from diffusion import LEARNED_VARIANCES, split_learned_variance, usable_steps
+from diffusion import LEARNED_VARIANCES, nearest_in_log, noise_levels, split_learned_variance
 from steps import Option, SamplerStep
 
 
@@ -32,16 +31,15 @@ class KarrasStep(SamplerStep):
 
     def __init__(self, betas, timesteps, mean_type, var_type, clip_denoised):
         super().__init__(betas, timesteps, mean_type, var_type, clip_denoised)
-        abar = self.diffusion.alphas_bar.numpy()
         # every training timestep that can be asked (abar_t > 0), for the churned sigma_hat
-        self.grid_sigmas = np.sqrt((1.0 - abar[:usable_steps(abar)]) / abar[:usable_steps(abar)])
+        self.grid_sigmas = noise_levels(self.diffusion.alphas_bar.numpy())
         # sigmas[i]: kept timestep i, sigmas_next[i]: where step i goes (kept i - 1, or 0)
         self.sigmas = [float(self.grid_sigmas[t]) for t in timesteps]
         self.sigmas_next = [0.0] + self.sigmas[:-1]
 
     def nearest_timestep(self, sigma):
         """The training timestep whose sigma is nearest sigma in log sigma."""
-        return int(np.abs(np.log(self.grid_sigmas) - math.log(sigma)).argmin())
+        return int(nearest_in_log(self.grid_sigmas, sigma)[0])
 
     def denoised(self, output, x, sigma, t):
         """D(x; sigma) of the network's output at timestep t for the input x / sqrt(1 + sigma^2):
@@ -116,8 +114,11 @@ class HeunStep(KarrasStep):
             x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + (x_next - x_0_next) / sigma_next)
         return self.to_chain(x_next, i), x_0
 
+    def evaluations(self):
+        return 2 * len(self.timesteps) - 1
+
     def record(self):
-        record = {"evaluations": 2 * len(self.timesteps) - 1, "churn": self.churn}
+        record = {"evaluations": self.evaluations(), "churn": self.churn}
         if self.churn > 0:
             record.update(churn_tmin=self.churn_tmin, churn_tmax=self.churn_tmax, churn_noise=self.churn_noise)
         return record

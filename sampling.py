@@ -9,7 +9,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from diffusion import LEARNED_VARIANCES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion, check_choice, usable_steps
+from diffusion import (LEARNED_VARIANCES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion, check_choice, nearest_in_log,
+                       noise_levels, usable_steps)
 from edm import EulerAncestralStep, HeunStep
 from solvers import DPMSolverPPStep, DPMSolverSinglestepStep, SDEDPMSolverPPStep, UniPCStep
 from steps import AncestralStep, DDIMStep
@@ -24,8 +25,8 @@ DEFAULT_SKIP_TYPE = "quadratic"
 # --sampler name -> its SamplerStep class
 SAMPLERS = {}
 # the sampling flags a sampler may take as its options, with their defaults (config.py's). A
-# sampler that does not take one ignores it, but for eta: a noise scale that would do nothing
-# is refused rather than ignored.
+# sampler that does not take one ignores it, but for eta and churn: noise that would not be
+# added is refused rather than ignored.
 OPTION_DEFAULTS = {"eta": 0.0, "solver_order": 0, "ddim_eps": "network", "churn": 0.0, "churn_tmin": 0.0,
                    "churn_tmax": 0.0, "churn_noise": 1.0}
 REFUSED_UNLESS_TAKEN = ("eta", "churn")
@@ -136,10 +137,9 @@ def sample_timesteps(alphas_bar, steps, skip_type, karras=(7.0, 0.0, 0.0)):
         return [usable - 1]
     if skip_type == "karras":
         rho, sigma_min, sigma_max = karras
-        sigma = np.sqrt((1.0 - abar[:usable]) / abar[:usable])  # increasing in t
+        sigma = noise_levels(abar)  # increasing in t
         targets = karras_sigmas(min(steps, usable), sigma_min or sigma[0], sigma_max or sigma[-1], rho)
-        kept = np.abs(np.log(sigma)[None, :] - np.log(targets)[:, None]).argmin(axis=1)
-        return distinct_ascending(kept, usable)
+        return distinct_ascending(nearest_in_log(sigma, targets), usable)
     if skip_type != "logsnr":
         return sorted({min(t, usable - 1) for t in spaced_in_time(T, steps, skip_type)})
     lam = 0.5 * (np.log(abar[:usable]) - np.log1p(-abar[:usable]))  # decreasing in t
@@ -211,7 +211,8 @@ class GaussianDiffusionSampler(GaussianDiffusion):
     solver_order (0: the sampler's DEFAULT_ORDER; ddpm and ddim ignore it). "heun" and
     "euler_ancestral" are Karras et al.'s samplers (edm.py); heun spends two evaluations per
     kept timestep but the last. Every sampler is a `SAMPLERS` class; eta, solver_order,
-    ddim_eps and the churn options go to those that take them (`sampler_options`), and
+    ddim_eps and the other OPTION_DEFAULTS (the churn options, as keywords) go to those
+    that take them (`sampler_options`), and
     sample_steps counts network evaluations, which the sampler turns into kept timesteps
     (`SamplerStep.steps_for`). karras_rho, sigma_min and sigma_max shape the karras spacing.
     sample_steps=None means T. Constructing one validates a sampling configuration without a
@@ -234,8 +235,8 @@ class GaussianDiffusionSampler(GaussianDiffusion):
 
     def __init__(self, betas, mean_type="epsilon", var_type="fixedlarge", clip_denoised=True,
                  sampler="ddpm", sample_steps=None, eta=0.0, skip_type=None, solver_order=0,
-                 ddim_eps="network", num_classes=0, guidance_scale=1.0, churn=0.0, churn_tmin=0.0, churn_tmax=0.0,
-                 churn_noise=1.0, karras_rho=7.0, sigma_min=0.0, sigma_max=0.0):
+                 ddim_eps="network", num_classes=0, guidance_scale=1.0, karras_rho=7.0, sigma_min=0.0, sigma_max=0.0,
+                 **other_options):
         super().__init__(betas)
         self.num_classes, self.guidance_scale = num_classes, guidance_scale
         check_choice("mean_type", mean_type, MEAN_TYPES)
@@ -246,12 +247,13 @@ class GaussianDiffusionSampler(GaussianDiffusion):
         sample_steps = self.T if sample_steps is None else sample_steps
         if not 1 <= sample_steps <= self.T:
             raise ValueError(f"sample_steps must be in 1..T = 1..{self.T}, got {sample_steps}")
-        options = sampler_options(sampler, {"eta": eta, "solver_order": solver_order, "ddim_eps": ddim_eps,
-                                            "churn": churn, "churn_tmin": churn_tmin, "churn_tmax": churn_tmax,
-                                            "churn_noise": churn_noise})
-        self.karras = (karras_rho, sigma_min, sigma_max)
+        unknown = set(other_options) - set(OPTION_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown sampler option(s) {', '.join(sorted(unknown))}")
+        values = {**OPTION_DEFAULTS, "eta": eta, "solver_order": solver_order, "ddim_eps": ddim_eps, **other_options}
+        options = sampler_options(sampler, values)
         self.timesteps = sample_timesteps(self.alphas_bar, step_class.steps_for(sample_steps), self.skip_type,
-                                          self.karras)
+                                          (karras_rho, sigma_min, sigma_max))
         self.step = step_class.make(self.betas, self.timesteps, mean_type, var_type, clip_denoised, **options)
 
     def network_output(self, net, x_t, t, labels=None):

@@ -45,8 +45,8 @@ class SamplerStep(nn.Module):
     at i = 0), given the network's output at (x_t, t_i).
 
     `forward(output, x_t, i, generator)` returns (x at the previous kept timestep, x0_hat); the
-    sampling loop calls it through `advance` for i descending and calls `reset` at the start of every chain, so
-    a step may keep state between the steps of one chain (a multistep solver's earlier
+    sampling loop calls it through `advance` for i descending and calls `reset` at the start
+    of every chain, so a step may keep state between the steps of one chain (a multistep solver's earlier
     x0_hat). Noise is drawn from `generator`, in the working dtype of x_t.
 
     What a subclass declares (the defaults: a first-order sampler with no options):
@@ -92,6 +92,10 @@ class SamplerStep(nn.Module):
     def steps_for(cls, evaluations):
         """How many kept timesteps --sample_steps' evaluations of the network make: one each."""
         return evaluations
+
+    def evaluations(self):
+        """How many network evaluations one chain of these kept timesteps makes: one each."""
+        return len(self.timesteps)
 
     def advance(self, network, x_t, i, generator=None):
         """(x at the previous kept timestep, x0_hat): the step from kept timestep i, asking

@@ -135,8 +135,7 @@ def measure(config, net, evaluator, device, sampler=None):
     scores = evaluator.score(torch.cat(features), torch.cat(logits))
     if reference:
         return scores["FID"], sampling_seconds / config.eval.num_images, reference.evaluations, "karras (continuous)"
-    evaluations = sampler.step.record().get("evaluations", len(sampler.timesteps))  # heun: 2 per step but the last
-    return scores["FID"], sampling_seconds / config.eval.num_images, evaluations, sampler.skip_type
+    return scores["FID"], sampling_seconds / config.eval.num_images, sampler.step.evaluations(), sampler.skip_type
 
 
 def table(rows, seeds):
