@@ -28,7 +28,7 @@ from sampling import OPTION_DEFAULTS, SKIP_TYPES
 from steps import DDIM_EPS
 from errors import UserError
 from score.metrics import IS_SPLITS
-from score.scorer import FEATURES
+from score.scorer import DEFAULT_METRICS, FEATURES, METRICS
 
 
 T_SAMPLINGS = ("uniform", "importance")
@@ -332,6 +332,10 @@ class EvalConfig(Section):
     inception_weights: Optional[str] = option(None, "pt_inception-2015-12-05-6726825d.pth "
                                               "(unset: $TORCH_HOME/hub/checkpoints/)")
     fid_quantize: bool = option(True, "round samples to 8 bits before scoring, as a saved PNG is")
+    metrics: tuple[str, ...] = option(DEFAULT_METRICS, f"what a score holds, any of {','.join(METRICS)}: "
+                                      "FID, Inception Score, precision/recall with density/coverage, KID, "
+                                      "spatial FID (pr, kid and sfid need --fid_cache files that hold "
+                                      "reference features, as python -m score.fid_cache writes them)")
 
     @property
     def statistics(self):
@@ -341,6 +345,10 @@ class EvalConfig(Section):
     def check(self):
         positive(self, "num_images", "eval_batch_size", "eval_num_images")
         steps_or_off(self, "eval_step")
+        unknown = [name for name in self.metrics if name not in METRICS]
+        require(self.metrics and not unknown and len(set(self.metrics)) == len(self.metrics),
+                f"--metrics {','.join(self.metrics) or '(empty)'}: expected some of {','.join(METRICS)}, "
+                "each once" + (f" ({', '.join(unknown)} unknown)" if unknown else ""))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ the numbers of an uninterrupted run; a new checkpoint or other flags start a sto
 own and keep the others (store.py). Finished batches are checked before any sampling:
 a malformed one is drawn again. Only
 features (2,048 floats per image for Inception) and the first grid's images are held, so
-memory grows with the number of samples, not with the image size.
+memory grows with the number of samples, not with the image size; sFID's spatial features
+(2,023 per image) are kept on disk with each batch and summed into their mean and covariance
+one batch at a time.
 """
 import dataclasses
 import hashlib
@@ -40,7 +42,8 @@ from store import BatchStore
 from streams import EVAL_NOISE, generator
 from score import Evaluator, default_feature, gather, load_images, save_images
 from score.scorer import PUBLISHED_SAMPLES
-from score.metrics import to_uint8
+from score.metrics import Moments, to_uint8
+from tensorboardX import SummaryWriter
 
 GRID_IMAGES = 256
 
@@ -52,7 +55,8 @@ def make_evaluator(config, device):
     feature = scoring.fid_feature or default_feature(dataset.dataset)
     evaluator = Evaluator(feature, scoring.statistics, device, scoring.inception_weights,
                           quantize=scoring.fid_quantize, dataset=dataset.dataset,
-                          data_root=dataset.data_root, img_size=config.model.img_size)
+                          data_root=dataset.data_root, img_size=config.model.img_size,
+                          metrics=scoring.metrics)
     evaluator.weights_sha256 = short_sha256(evaluator.weights_path)
     evaluator.statistics_sha256 = short_sha256(scoring.statistics) if scoring.statistics else None
     return evaluator
@@ -102,15 +106,17 @@ def label_accuracy(config, evaluator, logits, labels):
     return {"label_accuracy": (logits.argmax(1).cpu() == labels).double().mean().item()}
 
 
-def report(logdir, scores, step, writer=None, protocol=None):
+def report(logdir, scores, step, writer=None, protocol=None, tag=""):
     """Print the scores and their protocol, append both as a JSON line to <logdir>/eval.txt
-    and log the scores to TensorBoard (main process)."""
+    and log the scores to TensorBoard as tag + name (main process)."""
     if not distributed.is_main():
         return
     numbers = {name: value for name, value in scores.items() if name != "warning"}
     if "warning" in scores:
         print(f"warning: {scores['warning']}", file=sys.stderr)
-    print(", ".join(f"{name} {value:.4f}" for name, value in numbers.items()))
+    # KID is small on Inception features (1e-3 is a good model): shown with its exponent
+    print(", ".join(f"{name} {value:.4g}" if name.startswith("KID") else f"{name} {value:.4f}"
+                    for name, value in numbers.items()))
     if protocol:
         print(f"  {describe(protocol)}")
     path = os.path.join(logdir, logdir_files.EVAL_LOG)
@@ -118,7 +124,7 @@ def report(logdir, scores, step, writer=None, protocol=None):
     print(f"  appended to {path}")
     if writer is not None:
         for name, value in numbers.items():
-            writer.add_scalar(name, value, step)
+            writer.add_scalar(tag + name, value, step)
 
 
 def protocol_record(config, sampler, evaluator, num_samples, step, ckpt_sha256, started):
@@ -142,6 +148,8 @@ def protocol_record(config, sampler, evaluator, num_samples, step, ckpt_sha256, 
     if config.model.num_classes:
         record.update(num_classes=config.model.num_classes, guidance_scale=sampling.guidance_scale,
                       class_labels=list(sampling.labels) or "balanced")
+    if evaluator:
+        record.update(evaluator.record(num_samples))
     if evaluator and evaluator.feature == "inception" and num_samples < PUBLISHED_SAMPLES:
         record["comparable"] = f"no: fewer than {PUBLISHED_SAMPLES:,} samples, not comparable with published FIDs"
     return record
@@ -178,7 +186,24 @@ def describe(record):
         labels = record["class_labels"]
         text += (f"; {record['num_classes']} classes, guidance scale {record['guidance_scale']}, classes "
                  f"{labels if isinstance(labels, str) else ','.join(map(str, labels))}")
-    return text + (f"; {record['comparable']}" if "comparable" in record else "")
+    return text + metric_words(record) + (f"; {record['comparable']}" if "comparable" in record else "")
+
+
+def metric_words(record):
+    """How the metrics beyond FID and IS were measured, in a record's line (nothing for FID
+    and IS alone, the default)."""
+    words = []
+    if "pr_k" in record:
+        words.append(f"precision/recall k {record['pr_k'][0]}, density/coverage k {record['pr_k'][1]}")
+    if "kid_subsets" in record:
+        words.append(f"KID over {record['kid_subsets'][0]} subsets of {record['kid_subsets'][1]}")
+    if "reference_features" in record:
+        seed = record["reference_features_seed"]
+        words[-1] += (f", against {record['reference_features']:,} reference features"
+                      + ("" if seed is None else f" (subset seed {seed})"))
+    if "sfid" in record.get("metrics", ()):
+        words.append("sFID on spatial features")
+    return "".join(f"; {word}" for word in words)
 
 
 def store_identity(config, ckpt_sha256, layout, fast, evaluator):
@@ -191,7 +216,8 @@ def store_identity(config, ckpt_sha256, layout, fast, evaluator):
             "eval_batch_size": config.eval.eval_batch_size, "fast_path": dataclasses.asdict(fast),
             "feature": evaluator.feature if evaluator else None,
             "feature_weights": evaluator.weights_sha256 if evaluator else None,
-            "quantize": config.eval.fid_quantize, "keep_samples": bool(config.actions.save_samples)}
+            "quantize": config.eval.fid_quantize, "keep_samples": bool(config.actions.save_samples),
+            **({"spatial": True} if evaluator and evaluator.spatial else {})}
 
 
 def score_folder(config, evaluator):
@@ -199,10 +225,11 @@ def score_folder(config, evaluator):
     scoring, folder = config.eval, config.actions.eval_dir
     everything = load_images(folder)
     first, last = distributed.my_block(len(everything))
-    features, logits = evaluator.features(everything[first:last], progress=distributed.is_main())
-    report(config.run.logdir, evaluator.score(gather(features), gather(logits)), step=None,
+    features = evaluator.features(everything[first:last], progress=distributed.is_main())
+    report(config.run.logdir, evaluator.score(*map(gather, features)), step=None,
            protocol={"num_samples": len(everything), "images": folder, "feature_network": evaluator.feature,
-                     "quantize": scoring.fid_quantize, "statistics": scoring.statistics})
+                     "quantize": scoring.fid_quantize, "statistics": scoring.statistics,
+                     **evaluator.record(len(everything))})
 
 
 def evaluate(config, device_type):
@@ -234,16 +261,33 @@ def evaluate(config, device_type):
     if distributed.is_main():
         write_samples(config, store, num_batches)
     if evaluator is not None:
-        parts = [store.load(i) for i in mine]
-        features = torch.cat([part["features"] for part in parts]).double().to(device)
-        logits = gather(torch.cat([part["logits"] for part in parts]).double().to(device))
-        scores = evaluator.score(gather(features), logits)
+        features, logits, spatial = stored_features(store, mine, evaluator, device)
+        scores = evaluator.score(features, logits, spatial)
         scores.update(label_accuracy(config, evaluator, logits, sample_labels(config, 0, config.eval.num_images)))
-        report(config.run.logdir, scores, step, protocol=protocol_record(
-            config, sampler, evaluator, config.eval.num_images, step, ckpt_sha256, started))
+        writer = SummaryWriter(config.run.logdir) if distributed.is_main() else None
+        report(config.run.logdir, scores, step, writer, protocol=protocol_record(
+            config, sampler, evaluator, config.eval.num_images, step, ckpt_sha256, started), tag="eval/")
+        if writer is not None:
+            writer.close()
     distributed.barrier()
     if distributed.is_main():
         store.remove()
+
+
+def stored_features(store, batches, evaluator, device):
+    """All ranks' features and logits, float64 on the device, from this rank's finished
+    batches, and the (mean, covariance) of their spatial features when sFID is scored: summed
+    batch by batch (score.metrics.Moments), since 50,000 x 2,023 of them would not be small."""
+    features, logits = [], []
+    moments = Moments(evaluator.reference_spatial[0].to(device)) if evaluator.spatial else None
+    for i in batches:
+        part = store.load(i)
+        features.append(part["features"])
+        logits.append(part["logits"])
+        if moments is not None:
+            moments.add(part["spatial"])
+    features, logits = (gather(torch.cat(parts).double().to(device)) for parts in (features, logits))
+    return features, logits, moments.all_reduce().statistics() if moments is not None else None
 
 
 def saves_to_folder(path):
@@ -252,9 +296,9 @@ def saves_to_folder(path):
 
 
 def feature_widths(evaluator, model, device):
-    """(D, K): how many features and logits the feature network gives per image of a ModelConfig."""
-    features, logits = evaluator.features(torch.zeros((1, *model.image_shape), device=device))
-    return features.shape[1], logits.shape[1]
+    """(D, K) or, with sFID, (D, K, S): how many features, logits and spatial features the
+    feature network gives per image of a ModelConfig."""
+    return tuple(part.shape[1] for part in evaluator.features(torch.zeros((1, *model.image_shape), device=device)))
 
 
 def batch_layout(config, widths, i):
@@ -264,7 +308,8 @@ def batch_layout(config, widths, i):
     size, image = min(batch, config.eval.num_images - i * batch), config.model.image_shape
     layout = {}
     if widths is not None:
-        layout.update(features=(torch.float32, (size, widths[0])), logits=(torch.float32, (size, widths[1])))
+        layout.update({name: (torch.float32, (size, width))
+                       for name, width in zip(("features", "logits", "spatial"), widths)})
     if config.actions.save_samples and not saves_to_folder(config.actions.save_samples):
         layout["samples"] = (torch.uint8, (size, *image))
     if i * batch < GRID_IMAGES:
@@ -278,8 +323,8 @@ def batch_record(config, evaluator, i, images):
     batch counts as finished."""
     record, batch = {}, config.eval.eval_batch_size
     if evaluator is not None:
-        features, logits = evaluator.features(images)
-        record.update(features=features.float().cpu(), logits=logits.float().cpu())
+        record.update({name: part.float().cpu() for name, part in
+                       zip(("features", "logits", "spatial"), evaluator.features(images))})
     samples = to_uint8(images).cpu()
     path = config.actions.save_samples
     if path and not saves_to_folder(path):
@@ -350,8 +395,8 @@ def evaluate_during_training(config, evaluator, sampler, net, step, writer):
     parts = [evaluator.features(images) for _, images in sample_batches(
         config, sampler, net, config.eval.eval_num_images, sampler.betas.device,
         desc=f"evaluating step {step}")]
-    features, logits = (gather(torch.cat([part[k] for part in parts])) for k in (0, 1))
-    scores = evaluator.score(features, logits)
+    features, logits, *spatial = (gather(torch.cat(kind)) for kind in zip(*parts))
+    scores = evaluator.score(features, logits, *spatial)
     scores.update(label_accuracy(config, evaluator, logits, sample_labels(config, 0, config.eval.eval_num_images)))
     report(config.run.logdir, scores, step, writer,
            protocol_record(config, sampler, evaluator, config.eval.eval_num_images, step, None, started))

@@ -19,8 +19,18 @@ CLASSIFIER = "data/digits_classifier.pt"
 RECIPE = dict(seed=0, epochs=15, batch_size=50, lr=2e-3, weight_decay=1e-4, features=64)
 
 
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 8 * 8 * SPATIAL_CHANNELS
+
+
 class DigitsNet(nn.Module):
-    """Images in [0, 1] (N, 1 or 3, H, W) -> (features (N, RECIPE['features']), logits (N, 10))."""
+    """Images in [0, 1] (N, 1 or 3, H, W) -> (features (N, RECIPE['features']), logits (N, 10),
+    spatial features (N, 448)).
+
+    The spatial features stand in for sFID's Inception ones: as those are the first 7
+    channels of a convolution below the pooled features, these are the first 7 of the 64
+    channels of the last convolution (after its ReLU, before the pooling), at all 8 x 8
+    positions, flattened in (H, W, C) order."""
 
     def __init__(self, features):
         super().__init__()
@@ -38,8 +48,10 @@ class DigitsNet(nn.Module):
             x = x.mean(1, keepdim=True)
         if x.shape[-2:] != (8, 8):  # as datasets.py resizes the digits for other image sizes
             x = F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False, antialias=True)
-        features = self.body(x)
-        return features, self.head(features)
+        grid = self.body[:4](x)  # the two convolutions: (N, 64, 8, 8)
+        features = self.body[4:](grid)
+        spatial = grid[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
+        return features, self.head(features), spatial
 
 
 def train_classifier(recipe=RECIPE):
@@ -62,7 +74,7 @@ def train_classifier(recipe=RECIPE):
                                           weight_decay=recipe["weight_decay"])
             for _ in range(recipe["epochs"]):
                 for batch in torch.randperm(len(images)).split(recipe["batch_size"]):
-                    _, logits = net(images[batch])
+                    logits = net(images[batch])[1]
                     loss = F.cross_entropy(logits, labels[batch])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()

@@ -19,6 +19,12 @@ from .metrics import ScoreError
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 POOL_DIM, LOGITS_DIM = 2048, 1008  # pool3 features for FID; the 1008-way classifier for IS
+# sFID (Nash et al. 2021) as guided-diffusion's evaluator computes it: the TF graph's tensor
+# "mixed_6/conv" (the 1x1 branch of the seventh mixed block, Mixed_6d here, after its ReLU),
+# 17 x 17 positions, of which the first 7 channels: 17 * 17 * 7 = 2,023 numbers per image,
+# flattened in the TF graph's (H, W, C) order so that its spatial statistics are theirs.
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
 
 
 def hub_weights_path():
@@ -59,8 +65,14 @@ def fid_inception_v3():
     return net
 
 
+def spatial_features(feature_map):
+    """The first SPATIAL_CHANNELS channels of an (N, C, H, W) map, flattened as (N, H * W * 7)."""
+    return feature_map[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
+
+
 class FIDInception(nn.Module):
-    """Images in [0, 1] (N, 1 or 3, H, W) -> (pool3 features (N, 2048), logits (N, 1008))."""
+    """Images in [0, 1] (N, 1 or 3, H, W) -> (pool3 features (N, 2048), logits (N, 1008),
+    spatial features (N, 2023) for sFID)."""
 
     def __init__(self, weights_path):
         super().__init__()
@@ -76,11 +88,17 @@ class FIDInception(nn.Module):
         self.register_buffer("fc_weight", net.fc.weight.detach().clone())
         net.fc = nn.Identity()  # net(x) now ends at the 2048-d average pool
         self.net = net.requires_grad_(False).eval()
+        self.spatial = None
+        net.Mixed_6d.branch1x1.register_forward_hook(self.keep_spatial)
+
+    def keep_spatial(self, module, inputs, output):
+        self.spatial = spatial_features(output)
 
     def forward(self, x):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         pool = self.net(2 * x - 1)  # the network expects [-1, 1]
-        return pool, F.linear(pool, self.fc_weight)
+        spatial, self.spatial = self.spatial, None
+        return pool, F.linear(pool, self.fc_weight), spatial
 

@@ -94,31 +94,96 @@ def inception_score(logits, splits=IS_SPLITS):
     return float(scores.mean()), float(scores.std(correction=0))
 
 
-def save_statistics(path, mu, sigma):
-    """The .npz pytorch_gan_metrics reads: mu (D,) and sigma (D, D), float64."""
+def save_statistics(path, mu, sigma, **extras):
+    """The .npz pytorch_gan_metrics reads: mu (D,) and sigma (D, D), float64; `extras` (the
+    reference features of the metrics beyond FID, REFERENCE_EXTRAS) are stored beside them."""
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    arrays = {"mu": mu.cpu().double().numpy(), "sigma": sigma.cpu().double().numpy()}
+    arrays = {"mu": mu, "sigma": sigma, **extras}
+    arrays = {name: np.asarray(value.cpu() if torch.is_tensor(value) else value) for name, value in arrays.items()}
+    arrays["mu"], arrays["sigma"] = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
     files.write_atomically(path, lambda file: np.savez_compressed(file, **arrays),
                            sum(array.nbytes for array in arrays.values()))
 
 
+# What a statistics file may hold beyond mu and sigma, and the metrics that need it:
+# pool3 features of a seeded random subset of the data (precision/recall, density/coverage,
+# KID), and the statistics of the spatial features (sFID, under guided-diffusion's names).
+REFERENCE_EXTRAS = {"features": ("pr", "kid"), "mu_s": ("sfid",), "sigma_s": ("sfid",)}
+
+
 def load_statistics(path, create_command):
     """(mu, sigma) as float64 CPU tensors; create_command goes into the error if path is absent."""
+    reference = load_reference(path, create_command)
+    return reference["mu"], reference["sigma"]
+
+
+def load_reference(path, create_command):
+    """{mu, sigma} and whichever REFERENCE_EXTRAS the file holds (with features_seed and
+    features_of when it holds features), as float64 CPU tensors, each checked: shapes that
+    fit together, finite numbers. create_command goes into every error."""
     if not os.path.exists(path):
         raise ScoreError(f"FID statistics {path} not found; create them with: {create_command}")
     try:
         with files.open_regular(path) as file, np.load(file, allow_pickle=False) as stats:
-            mu, sigma = stats["mu"], stats["sigma"]
+            present = [name for name in (*REFERENCE_EXTRAS, "features_seed", "features_of") if name in stats.files]
+            arrays = {name: stats[name] for name in ("mu", "sigma", *present)}
     except files.NotARegularFile as error:
         raise ScoreError(f"FID statistics: {error}; create them with: {create_command}") from None
     except (OSError, ValueError, KeyError) as error:
         raise ScoreError(f"FID statistics {path} are unreadable ({error}); recreate them with: "
                          f"{create_command}") from None
+    mu, sigma = arrays["mu"], arrays["sigma"]
+    problem = None
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise ScoreError(f"FID statistics {path}: mu {mu.shape} and sigma {sigma.shape} do not "
-                         f"match; recreate them with: {create_command}")
-    return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double()
+        problem = f"mu {mu.shape} and sigma {sigma.shape} do not match"
+    elif "features" in arrays and (arrays["features"].ndim != 2 or arrays["features"].shape[1] != len(mu)):
+        problem = f"features {arrays['features'].shape} are not (N, {len(mu)}) like mu"
+    elif ("mu_s" in arrays) != ("sigma_s" in arrays) or ("mu_s" in arrays and (
+            arrays["mu_s"].ndim != 1 or arrays["sigma_s"].shape != (len(arrays["mu_s"]),) * 2)):
+        problem = "mu_s and sigma_s (the spatial statistics) do not match"
+    else:
+        bad = [name for name, array in arrays.items()
+               if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all()]
+        if bad:
+            problem = f"{', '.join(bad)} hold NaN, inf or no numbers"
+    if problem:
+        raise ScoreError(f"FID statistics {path}: {problem}; recreate them with: {create_command}")
+    return {name: torch.from_numpy(np.asarray(array, dtype=np.float64)) for name, array in arrays.items()}
+
+
+class Moments:
+    """Mean and unbiased covariance of features that arrive in batches, without holding them:
+    sums of (x - shift) and (x - shift)(x - shift)^T in float64. A shift near the mean (the
+    reference's) keeps the subtraction in the covariance from cancelling; across processes
+    every rank adds its batches and all_reduce adds the ranks (the same shift on each)."""
+
+    def __init__(self, shift):
+        self.shift = shift.double()
+        self.count, self.total = 0, torch.zeros_like(self.shift)
+        self.outer = torch.zeros(len(shift), len(shift), dtype=torch.float64, device=shift.device)
+
+    def add(self, features):
+        centred = features.to(self.shift.device, torch.float64) - self.shift
+        self.count += len(centred)
+        self.total += centred.sum(0)
+        self.outer += centred.T @ centred
+
+    def all_reduce(self):
+        if dist.is_available() and dist.is_initialized():
+            count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.shift.device)
+            for tensor in (count, self.total, self.outer):
+                dist.all_reduce(tensor)
+            self.count = int(count.item())
+        return self
+
+    def statistics(self):
+        """(mu, sigma) as `statistics` gives them for all the features added."""
+        if self.count < 2:
+            raise ScoreError(f"feature statistics need at least 2 images, got {self.count}")
+        mean = self.total / self.count
+        sigma = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
+        return self.shift + mean, (sigma + sigma.T) / 2
 
 
 def gather(tensor):

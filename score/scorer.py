@@ -1,5 +1,6 @@
 """Scoring images: the Evaluator (features -> IS and FID), and images to and from disk."""
 import os
+import sys
 
 import numpy as np
 import torch
@@ -8,17 +9,28 @@ from tqdm import tqdm
 
 import datasets
 import files
-from . import digits, inception, metrics
-from .metrics import (ScoreError, frechet_distance, inception_score, load_statistics, statistics,
-                      to_uint8)
+from . import digits, inception
+from .distribution import kernel_inception_distance, precision_recall_density_coverage
+from .metrics import (REFERENCE_EXTRAS, ScoreError, frechet_distance, inception_score, load_reference,
+                      statistics, to_uint8)
+from .metrics import quantize as round_to_8_bits  # `quantize` is the Evaluator's flag
 
 FEATURES = ("inception", "digits")
+# --metrics: what a score may hold. fid: FID; is: Inception Score; pr: improved precision and
+# recall (k = 3) with density and coverage (k = 5); kid: kernel inception distance; sfid: the
+# Frechet distance of spatial features.
+METRICS = ("fid", "is", "pr", "kid", "sfid")
+DEFAULT_METRICS = ("fid", "is")
+K_PRECISION_RECALL, K_DENSITY_COVERAGE = 3, 5  # Kynkäänniemi et al. 2019; Naeem et al. 2020
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Bińkowski et al. 2018
 
 
 def default_feature(dataset):
     """The feature network a dataset is scored with unless one is named: the offline digits
     classifier for the digits, the FID Inception network for everything else."""
     return "digits" if dataset == "digits" else "inception"
+
+
 PUBLISHED_SAMPLES = 50000  # the sample count of published FIDs
 
 
@@ -49,14 +61,23 @@ def fid_cache_command(output, feature, dataset=None, data_root=None, img_size=No
     return command + f" --output {output}"
 
 
-class Evaluator:
-    """One feature network and the reference statistics to score images against.
+def is_main_process():
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
 
-    feature: "inception" (FID Inception pool3 + 1008 logits) or "digits" (the offline digits
-        classifier's penultimate features + 10 logits).
-    fid_cache: .npz of the reference mu and sigma. None: for "digits", the statistics of the
-        digits train split, computed here (they take milliseconds); for "inception", no
-        reference, so score() gives the Inception Score only.
+
+class Evaluator:
+    """One feature network and the reference to score images against.
+
+    feature: "inception" (FID Inception pool3 + 1008 logits + mixed_6/conv spatial features)
+        or "digits" (the offline digits classifier's penultimate features + 10 logits + its
+        last convolution's spatial features).
+    fid_cache: .npz of the reference mu and sigma, and of the reference features the metrics
+        beyond FID need (score.fid_cache writes them). None: for "digits", everything from the
+        digits train split, computed here (milliseconds); for "inception", no reference, so
+        score() gives the Inception Score only.
+    metrics: of METRICS, those to compute. Those the reference cannot give (a file written
+        before reference features were) are dropped with one line saying so, here.
     quantize: round samples to 8 bits before scoring, as saving them as PNG would.
     dataset, data_root, img_size: only to spell out the exact fid_cache command in the error
         raised when fid_cache does not exist.
@@ -65,43 +86,71 @@ class Evaluator:
 
     def __init__(self, feature, fid_cache=None, device="cpu", inception_weights=None,
                  quantize=True, batch_size=250, digits_classifier=digits.CLASSIFIER,
-                 dataset=None, data_root=None, img_size=None):
+                 dataset=None, data_root=None, img_size=None, metrics=DEFAULT_METRICS):
         if feature not in FEATURES:
             raise ScoreError(f"unknown feature {feature!r}: expected one of {', '.join(FEATURES)}")
+        unknown = [name for name in metrics if name not in METRICS]
+        if unknown or not metrics:
+            raise ScoreError(f"unknown metrics {unknown or 'none'}: expected some of {', '.join(METRICS)}")
         self.device = torch.device(device)
         self.feature = feature
         self.quantize = quantize
         self.batch_size = batch_size
         weights = inception.find_weights(inception_weights) if feature == "inception" else None
         self.weights_path = weights if feature == "inception" else digits_classifier
-        self.reference = None
-        if fid_cache is not None:
-            self.reference = load_statistics(fid_cache, fid_cache_command(
-                fid_cache, feature, dataset, data_root, img_size, inception_weights))
+        self.reference = self.reference_features = self.reference_spatial = None
+        command = fid_cache_command(fid_cache, feature, dataset, data_root, img_size, inception_weights)
+        stored = load_reference(fid_cache, command) if fid_cache is not None else {}
         if feature == "inception":
             self.net = inception.FIDInception(weights)
         else:
             self.net = digits.load_classifier(digits_classifier)
         self.net.to(self.device).eval()
-        if feature == "digits" and fid_cache is None:
+        if stored:
+            self.reference = stored["mu"], stored["sigma"]
+            if "features" in stored:
+                self.reference_features = stored["features"].to(self.device)
+                self.reference_seed = int(stored["features_seed"]) if "features_seed" in stored else None
+            if "mu_s" in stored:
+                self.reference_spatial = stored["mu_s"], stored["sigma_s"]
+        elif feature == "digits":
             real = torch.from_numpy(datasets.digits_array(train=True)[0])
             # the reference is real data as stored in 8 bits, whatever self.quantize says
-            self.reference = statistics(self.features(metrics.quantize(real))[0])
-        dim = inception.POOL_DIM if feature == "inception" else digits.RECIPE["features"]
-        if self.reference is not None and len(self.reference[0]) != dim:
-            raise ScoreError(f"FID statistics {fid_cache} have {len(self.reference[0])} features "
-                             f"but the {feature} network gives {dim}: made with another --feature?")
+            features, _, spatial = self.run(round_to_8_bits(real), spatial=True)
+            self.reference, self.reference_features = statistics(features), features
+            self.reference_spatial, self.reference_seed = statistics(spatial), None
+        self.check_widths(fid_cache)
+        self.metrics = self.available(metrics, fid_cache, command)
+        self.spatial = "sfid" in self.metrics
+
+    def check_widths(self, fid_cache):
+        net = inception if self.feature == "inception" else digits
+        dim = inception.POOL_DIM if self.feature == "inception" else digits.RECIPE["features"]
+        for what, found, expected in (("FID statistics", self.reference, dim),
+                                      ("spatial statistics", self.reference_spatial, net.SPATIAL_DIM)):
+            if found is not None and len(found[0]) != expected:
+                raise ScoreError(f"{what} {fid_cache} have {len(found[0])} features but the {self.feature} "
+                                 f"network gives {expected}: made with another --feature?")
+
+    def available(self, metrics, fid_cache, command):
+        """The metrics asked for, but those this reference cannot give, with one line about them."""
+        have = {"features": self.reference_features, "mu_s": self.reference_spatial,
+                "sigma_s": self.reference_spatial}
+        missing = [metric for metric in metrics if any(
+            metric in wanted and have[name] is None for name, wanted in REFERENCE_EXTRAS.items())]
+        if missing and is_main_process():
+            print(f"note: {fid_cache or 'no --fid_cache'}: no reference features for "
+                  f"{', '.join(missing)}, so they are not scored (a statistics file written before "
+                  f"they were holds only mu and sigma); for them, write it again with: {command}",
+                  file=sys.stderr)
+        return tuple(metric for metric in METRICS if metric in metrics and metric not in missing)
 
     @torch.no_grad()
-    def features(self, images, progress=False):
-        """(features (N, D), logits (N, K)) in float64 on self.device, for this rank's images.
-
-        images: float in [0, 1], (N, C, H, W), on any device: a tensor (run in batches of
-        batch_size) or an iterable of such batches.
-        """
+    def run(self, images, progress=False, spatial=False):
+        """(features, logits, spatial features or None) in float64 on self.device."""
         if torch.is_tensor(images):
             images = images.split(self.batch_size)
-        pools, logits = [], []
+        pools, logits, grids = [], [], []
         count, nonfinite = 0, torch.zeros((), dtype=torch.long, device=self.device)
         for batch in tqdm(images, desc="features", disable=not progress, leave=False):
             # one memory layout: a channels-last input would take other conv kernels and
@@ -111,27 +160,68 @@ class Evaluator:
             nonfinite += (~torch.isfinite(batch)).flatten(1).any(1).sum()
             count += len(batch)
             if self.quantize:
-                batch = metrics.quantize(batch)
-            pool, logit = self.net(batch)
+                batch = round_to_8_bits(batch)
+            pool, logit, grid = self.net(batch)
             pools.append(pool.double())
             logits.append(logit.double())
+            if spatial:
+                grids.append(grid.double())
         if not pools:
             raise ScoreError("no images to score")
         if nonfinite:
             raise ScoreError(f"{int(nonfinite)} of {count} samples contain NaN or inf values, so "
                              "nothing was scored (a diverged model?)")
-        return torch.cat(pools), torch.cat(logits)
+        return torch.cat(pools), torch.cat(logits), torch.cat(grids) if spatial else None
 
-    def score(self, features, logits):
-        """{'IS', 'IS_std'} and, with reference statistics, 'FID', from all ranks' features;
-        'warning' too for an Inception FID of too few samples (small_sample_warning)."""
-        scores = dict(zip(("IS", "IS_std"), inception_score(logits)))
-        if self.reference is not None:
+    def features(self, images, progress=False):
+        """(features (N, D), logits (N, K)) in float64 on self.device, for this rank's images,
+        and their spatial features (N, S) third when sFID is scored (self.spatial).
+
+        images: float in [0, 1], (N, C, H, W), on any device: a tensor (run in batches of
+        batch_size) or an iterable of such batches.
+        """
+        features, logits, spatial = self.run(images, progress, self.spatial)
+        return (features, logits, spatial) if self.spatial else (features, logits)
+
+    def score(self, features, logits, spatial=None):
+        """The metrics asked for, from all ranks' features and logits: 'IS', 'IS_std'; with a
+        reference, 'FID' ('warning' too for an Inception FID of too few samples:
+        small_sample_warning), 'precision', 'recall', 'density', 'coverage', 'KID', 'KID_std'
+        and, from spatial (the samples' spatial features, or their (mean, covariance)), 'sFID'."""
+        scores = {}
+        if "is" in self.metrics:
+            scores.update(zip(("IS", "IS_std"), inception_score(logits)))
+        if "fid" in self.metrics and self.reference is not None:
             scores["FID"] = frechet_distance(*statistics(features), *self.reference)
             warning = small_sample_warning(self.feature, len(features))
             if warning:
                 scores["warning"] = warning
+        if "pr" in self.metrics:
+            scores.update(precision_recall_density_coverage(self.reference_features, features,
+                                                            K_PRECISION_RECALL, K_DENSITY_COVERAGE))
+        if "kid" in self.metrics:
+            scores.update(kernel_inception_distance(self.reference_features, features, KID_SUBSETS,
+                                                    self.kid_subset_size(len(features))))
+        if "sfid" in self.metrics:
+            spatial = statistics(spatial) if torch.is_tensor(spatial) else spatial
+            scores["sFID"] = frechet_distance(*spatial, *self.reference_spatial)
         return scores
+
+    def kid_subset_size(self, num_samples):
+        """KID_SUBSET_SIZE, or fewer where either set has fewer."""
+        return min(KID_SUBSET_SIZE, num_samples, len(self.reference_features))
+
+    def record(self, num_samples):
+        """What the protocol record says of the metrics beyond FID and IS."""
+        record = {"metrics": list(self.metrics)}
+        if {"pr", "kid"} & set(self.metrics):
+            record["reference_features"] = len(self.reference_features)
+            record["reference_features_seed"] = self.reference_seed
+        if "pr" in self.metrics:
+            record["pr_k"] = [K_PRECISION_RECALL, K_DENSITY_COVERAGE]
+        if "kid" in self.metrics:
+            record["kid_subsets"] = [KID_SUBSETS, self.kid_subset_size(num_samples)]
+        return record
 
 
 def load_images(path):

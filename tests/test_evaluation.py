@@ -189,7 +189,8 @@ def test_an_inception_fid_below_50000_samples_is_recorded_as_not_comparable():
     flags = Config.make(sampler="ddim", sample_steps=50, eta=0.0, skip_type="quadratic", clip_denoised=True,
                         fid_cache="stats.npz", fid_quantize=True, seed=3)
     sampler = build_sampler(flags.sampling, flags.diffusion)
-    evaluator = types.SimpleNamespace(feature="inception", weights_sha256="a" * 12, statistics_sha256="b" * 12)
+    evaluator = types.SimpleNamespace(feature="inception", weights_sha256="a" * 12, statistics_sha256="b" * 12,
+                                      record=lambda count: {"metrics": ["fid", "is"]})
     record = evaluate.protocol_record(flags, sampler, evaluator, 10_000, 7, "c" * 12, time.time())
     assert record["steps"] == 49 and record["statistics_sha256"] == "b" * 12  # quadratic repeats t = 0
     assert "not comparable with published FIDs" in record["comparable"]
@@ -206,7 +207,8 @@ def test_the_protocol_record_names_the_spacing_used_the_solver_order_and_ddims_e
     import evaluate
     from config import Config
     from sampling import DEFAULT_SKIP_TYPE, SAMPLERS
-    evaluator = types.SimpleNamespace(feature="digits", weights_sha256="a" * 12, statistics_sha256=None)
+    evaluator = types.SimpleNamespace(feature="digits", weights_sha256="a" * 12, statistics_sha256=None,
+                                      record=lambda count: {"metrics": ["fid", "is"]})
 
     def record_of(**values):
         flags = Config.make(sample_steps=10, **values)

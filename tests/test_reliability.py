@@ -299,7 +299,7 @@ def test_nan_samples_are_never_scored(run):
 
 def test_small_sample_inception_fid_is_flagged_and_recorded(tmp_path, capsys):
     evaluator = Evaluator.__new__(Evaluator)  # the scoring half only: no Inception weights here
-    evaluator.feature = "inception"
+    evaluator.feature, evaluator.metrics = "inception", ("fid", "is")
     generator = torch.Generator().manual_seed(0)
     evaluator.reference = (torch.zeros(8, dtype=torch.float64), torch.eye(8, dtype=torch.float64))
     scores = evaluator.score(torch.randn(100, 8, generator=generator, dtype=torch.float64),

@@ -258,7 +258,8 @@ def orders_that_ran(chain, monkeypatch):
 @pytest.mark.parametrize("sampler", list(SOLVERS))
 @pytest.mark.parametrize("steps", [1, 2, 3, 10])
 def test_the_record_names_the_highest_order_any_step_used(sampler, steps, monkeypatch):
-    evaluator = types.SimpleNamespace(feature="digits", weights_sha256="a" * 12, statistics_sha256=None)
+    evaluator = types.SimpleNamespace(feature="digits", weights_sha256="a" * 12, statistics_sha256=None,
+                                      record=lambda count: {"metrics": ["fid", "is"]})
     order = 2 if sampler == "sde_dpm_solver++" else 3
     config = Config.make(T=T, sampler=sampler, solver_order=order, sample_steps=steps, skip_type="uniform")
     chain = build_sampler(config.sampling, config.diffusion)
