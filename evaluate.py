@@ -171,7 +171,7 @@ def describe(record):
                   if record["statistics"] else "statistics of the training data computed here")
     if "images" in record:  # --eval_dir: images scored as they are, no model or sampler
         return (f"{record['num_samples']:,} images of {record['images']}; {record['feature_network']} "
-                f"features, {statistics}, {'8-bit' if record['quantize'] else 'float'} images")
+                f"features, {statistics}, {'8-bit' if record['quantize'] else 'float'} images{metric_words(record)}")
     sampler_words = SAMPLERS.get(record["sampler"], SamplerStep).describe(record)
     text = (f"{record['num_samples']:,} samples of the EMA model at step {record['checkpoint_step']} "
             f"(ckpt {record['checkpoint_sha256']}); {record.get('beta_schedule', 'linear')} schedule, "

@@ -58,7 +58,7 @@ def fid_cache_command(output, feature, dataset=None, data_root=None, img_size=No
         command += f" --feature {feature}"
     if inception_weights is not None:
         command += f" --inception_weights {inception_weights}"
-    return command + f" --output {output}"
+    return command + f" --output {output or '<stats.npz>'}"
 
 
 def is_main_process():
@@ -139,10 +139,11 @@ class Evaluator:
         missing = [metric for metric in metrics if any(
             metric in wanted and have[name] is None for name, wanted in REFERENCE_EXTRAS.items())]
         if missing and is_main_process():
-            print(f"note: {fid_cache or 'no --fid_cache'}: no reference features for "
-                  f"{', '.join(missing)}, so they are not scored (a statistics file written before "
-                  f"they were holds only mu and sigma); for them, write it again with: {command}",
-                  file=sys.stderr)
+            print(f"note: {fid_cache}: no reference features for {', '.join(missing)}, so they are not "
+                  f"scored (a statistics file written before they were holds only mu and sigma); for "
+                  f"them, write it again with: {command}" if fid_cache else
+                  f"note: no --fid_cache, so no reference for {', '.join(missing)}: they are not scored; "
+                  f"write one with: {command}", file=sys.stderr)
         return tuple(metric for metric in METRICS if metric in metrics and metric not in missing)
 
     @torch.no_grad()

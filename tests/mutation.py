@@ -53,6 +53,8 @@ NEW_SAMPLER = "test_new_sampler.py"
 GUIDANCE = "test_guidance.py"
 EDM = "test_edm.py"
 METRICS = "test_distribution_metrics.py"
+EVAL_METRICS = "test_eval_metrics.py"
+STREAMED_METRICS = "test_every_metric_of_the_streamed_eval_equals_the_metrics_of_its_saved_samples"
 LOCK_TEST = "test_the_lock_follows_no_link_and_writes_nothing_but_its_own_regular_file"
 SIZES_TEST = "test_sizes_that_cannot_fit_are_one_line_with_the_bytes_before_anything_is_built"
 SIZES_T = "--T 1,000,000 needs at least 389.1 MB for the schedule alone"
@@ -657,6 +659,57 @@ MUTANTS = [
     Mutant("non_finite_features_scored", "metrics", "score/distribution.py",
            "    if not torch.isfinite(features).all():", "    if False:",
            tests_of(METRICS, "test_features_that_are_not_finite_or_do_not_fit_are_one_line")),
+    Mutant("sfid_from_the_next_block", "metrics", "score/inception.py",
+           "net.Mixed_6d.branch1x1.register_forward_hook", "net.Mixed_6e.branch1x1.register_forward_hook",
+           tests_of("test_score.py", "test_sfid_features_are_the_tf_graphs_mixed_6_conv_found_by_running_the_network")),
+    Mutant("sfid_in_channels_first_order", "metrics", "score/inception.py",
+           "return feature_map[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)",
+           "return feature_map[:, :SPATIAL_CHANNELS].flatten(1)",
+           tests_of("test_score.py", "test_sfid_features_are_the_tf_graphs_mixed_6_conv_found_by_running_the_network")),
+    Mutant("digits_spatial_after_the_pooling", "metrics", "score/digits.py",
+           "grid = self.body[:4](x)", "grid = self.body[:5](x)",
+           tests_of("test_score.py", "test_the_digits_spatial_stand_in_is_the_last_convolution_before_pooling")),
+    Mutant("moments_forget_the_shift", "metrics", "score/metrics.py",
+           "return self.shift + mean, (sigma + sigma.T) / 2", "return mean, (sigma + sigma.T) / 2",
+           tests_of(EVAL_METRICS, "test_moments_of_batches_equal_the_statistics_of_all_features")),
+    Mutant("moments_biased_covariance", "metrics", "score/metrics.py",
+           "sigma = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)",
+           "sigma = (self.outer - self.count * torch.outer(mean, mean)) / self.count",
+           tests_of(EVAL_METRICS, "test_moments_of_batches_equal_the_statistics_of_all_features")),
+    Mutant("moments_count_not_reduced", "metrics", "score/metrics.py",
+           "for tensor in (count, self.total, self.outer):", "for tensor in (self.total, self.outer):",
+           tests_of("test_score.py", "test_two_gloo_ranks_match_one_process")),
+    Mutant("pr_and_dc_neighbours_swapped", "metrics", "score/scorer.py",
+           "K_PRECISION_RECALL, K_DENSITY_COVERAGE = 3, 5", "K_PRECISION_RECALL, K_DENSITY_COVERAGE = 5, 3",
+           tests_of(EVAL_METRICS, STREAMED_METRICS)),
+    Mutant("sfid_against_itself", "metrics", "score/scorer.py",
+           'scores["sFID"] = frechet_distance(*spatial, *self.reference_spatial)',
+           'scores["sFID"] = frechet_distance(*self.reference_spatial, *self.reference_spatial)',
+           tests_of(EVAL_METRICS, STREAMED_METRICS)),
+    Mutant("store_spatial_from_the_pool_features", "metrics", "evaluate.py",
+           'moments.add(part["spatial"])', 'moments.add(part["spatial"][:1].expand(len(part["spatial"]), -1))',
+           tests_of(EVAL_METRICS, STREAMED_METRICS)),
+    Mutant("metrics_flag_not_passed_on", "metrics", "evaluate.py",
+           "                          metrics=scoring.metrics)", "                          )",
+           tests_of(EVAL_METRICS, STREAMED_METRICS)),
+    Mutant("eval_scores_not_in_tensorboard", "metrics", "evaluate.py",
+           'started), tag="eval/")', 'started), tag="eval")',
+           tests_of(EVAL_METRICS, STREAMED_METRICS)),
+    Mutant("older_file_silently_scored", "metrics", "score/scorer.py",
+           "        if missing and is_main_process():", "        if False:",
+           tests_of(EVAL_METRICS, "test_an_older_statistics_file_scores_fid_and_is_and_says_what_it_cannot_in_one_line")),
+    Mutant("reference_features_not_checked", "metrics", "score/metrics.py",
+           "if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all()]",
+           "if not np.issubdtype(array.dtype, np.number)]",
+           tests_of(EVAL_METRICS, "test_reference_features_that_do_not_fit_or_are_not_finite_are_refused")),
+    Mutant("fid_cache_subset_seed_ignored", "metrics", "score/fid_cache.py",
+           "generator=torch.Generator().manual_seed(seed))[:num_features]",
+           "generator=torch.Generator().manual_seed(0))[:num_features]",
+           tests_of("test_score.py", "test_fid_cache_keeps_a_seeded_subset_of_features_and_the_spatial_statistics")),
+    Mutant("metrics_names_unchecked", "metrics", "config.py",
+           "require(self.metrics and not unknown and len(set(self.metrics)) == len(self.metrics),",
+           "require(not unknown,",
+           tests_of(EVAL_METRICS, "test_metric_names_are_checked_before_anything_runs")),
 ]
 
 

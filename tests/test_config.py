@@ -24,7 +24,8 @@ CHANGED = dict(ch=64, ch_mult=(1, 2, 2), attn=(0, 2), num_res_blocks=1, dropout=
                var_type="fixedsmall", sampler="ddim", sample_steps=50, eta=0.5, skip_type="quadratic",
                clip_denoised=False, dataset="digits", num_workers=0, lr=1e-3, batch_size=64,
                ema_decay=0.999, seed=7, logdir="/tmp/somewhere", precision="bf16", compile=False,
-               fid_cache="", fid_feature="digits", fid_quantize=False, interp_images=("3", "x.png"))
+               fid_cache="", fid_feature="digits", fid_quantize=False, interp_images=("3", "x.png"),
+               metrics=("fid", "pr", "sfid"))
 
 
 def absl_flagfile(values):
@@ -49,7 +50,7 @@ def test_every_flag_of_main_is_one_field_with_the_same_default():
         default = own[name].default
         assert (tuple(default) if isinstance(default, list) else default) == defaults[name], name
         assert isinstance(defaults[name], (list, tuple)) == (name in config.MULTI_FLAGS or name in
-                                                            ("interp_t", "interp_images", "class_labels")), name
+                                                            ("interp_t", "interp_images", "class_labels", "metrics")), name
 
 
 def test_flagfile_text_is_what_absl_writes_and_reads_back_the_same_configuration():

@@ -16,6 +16,8 @@ import datasets
 from score import (Evaluator, ScoreError, frechet_distance, gather, inception_score, load_images,
                    load_statistics, quantize, save_images, statistics)
 from score import digits, fid_cache, inception
+from score.metrics import Moments, load_reference
+from score.scorer import METRICS
 
 
 def random_spd(dim, generator):
@@ -227,6 +229,66 @@ def test_inception_matches_pytorch_gan_metrics_network(random_weights, monkeypat
     torch.testing.assert_close(torch.softmax(logits, 1), probs.double(), rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.slow  # the Inception network, a few seconds on 2 cores
+def test_sfid_features_are_the_tf_graphs_mixed_6_conv_found_by_running_the_network(random_weights):
+    """guided-diffusion's sFID takes the first 7 channels of the TF graph's tensor mixed_6/conv.
+    That graph names its mixed blocks mixed, mixed_1, ..., mixed_10 in the order they run, and
+    inside a block names the branch without a tower `conv`: the 1x1 convolution, the first one
+    a block runs. So the tensor is found here by running the network and counting, not by a
+    module name: the first convolution (after its ReLU) of the seventh mixed block to run."""
+    evaluator = Evaluator("inception", inception_weights=random_weights, quantize=False)
+    from torchvision.models.inception import BasicConv2d
+    blocks, convolutions, hooks = [], [], []
+    for name, block in evaluator.net.net.named_children():
+        if name.startswith("Mixed_"):
+            hooks.append(block.register_forward_pre_hook(lambda module, inputs, name=name: blocks.append(name)))
+            for conv in block.modules():
+                if isinstance(conv, BasicConv2d):
+                    hooks.append(conv.register_forward_hook(
+                        lambda module, inputs, output: convolutions.append((blocks[-1], output))))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    features, logits, spatial = evaluator.run(images, spatial=True)  # no reference needed
+    for hook in hooks:
+        hook.remove()
+    assert len(blocks) == 11  # mixed .. mixed_10
+    mixed_6_conv = next(output for block, output in convolutions if block == blocks[6])
+    assert mixed_6_conv.shape[1:] == (192, 17, 17)
+    expected = mixed_6_conv[:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # TF's (H, W, C) order
+    assert spatial.shape == (2, 2023) == (2, inception.SPATIAL_DIM)
+    assert torch.equal(spatial, expected.double())
+    assert (spatial >= 0).all() and (spatial > 0).any()  # after the ReLU, and not all zero
+
+
+def test_the_digits_spatial_stand_in_is_the_last_convolution_before_pooling(classifier):
+    """The digits' sFID features: the first 7 channels after the last ReLU before the pooling."""
+    evaluator = Evaluator("digits", digits_classifier=classifier, quantize=False, metrics=("sfid",))
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(12))
+    body = list(evaluator.net.body)
+    before_pool = next(i for i, layer in enumerate(body) if isinstance(layer, torch.nn.MaxPool2d))
+    grid = torch.nn.Sequential(*body[:before_pool])(images)
+    assert isinstance(body[before_pool - 1], torch.nn.ReLU) and isinstance(body[before_pool - 2], torch.nn.Conv2d)
+    spatial = evaluator.features(images)[2]
+    assert spatial.shape == (3, digits.SPATIAL_DIM) == (3, 8 * 8 * 7)
+    assert torch.equal(spatial, grid[:, :7].permute(0, 2, 3, 1).reshape(3, -1).double())
+
+
+@pytest.mark.slow  # the digits classifier on 1,500 images, twice
+def test_fid_cache_keeps_a_seeded_subset_of_features_and_the_spatial_statistics(classifier, tmp_path):
+    stats = str(tmp_path / "digits.npz")
+    fid_cache.main(["--dataset", "digits", "--digits_classifier", classifier, "--output", stats,
+                    "--num_workers", "0", "--device", "cpu", "--reference_features", "100", "--seed", "3",
+                    "--batch_size", "128"])
+    on_the_fly = Evaluator("digits", digits_classifier=classifier, metrics=METRICS)  # the whole train split
+    stored = load_reference(stats, "unused")
+    chosen = torch.randperm(1500, generator=torch.Generator().manual_seed(3))[:100]
+    assert torch.equal(stored["features"], on_the_fly.reference_features[chosen].float().double())
+    assert int(stored["features_seed"]) == 3 and int(stored["features_of"]) == 1500
+    torch.testing.assert_close((stored["mu_s"], stored["sigma_s"]), on_the_fly.reference_spatial,
+                               rtol=1e-10, atol=1e-12)  # summed in batches of 128 against all at once
+    from_file = Evaluator("digits", stats, digits_classifier=classifier, metrics=METRICS)
+    assert len(from_file.reference_features) == 100 and from_file.reference_seed == 3
+
+
 def test_digits_statistics_file_round_trips(classifier, tmp_path):
     """With no --feature, the digits get the digits classifier, as main.py scores them."""
     stats = str(tmp_path / "digits.train.npz")
@@ -277,10 +339,14 @@ def rank_worker(rank, world_size, rendezvous, classifier, out):
     try:
         images = torch.from_numpy(datasets.digits_array(train=False)[0])
         share = images.tensor_split(world_size)[rank]  # 149 and 148 images: unequal on purpose
-        evaluator = Evaluator("digits", digits_classifier=classifier)
-        features, logits = (gather(t) for t in evaluator.features(share))
-        torch.save({"statistics": statistics(features), "score": evaluator.score(features, logits),
-                    "rows": len(features)}, os.path.join(out, f"rank{rank}.pt"))
+        evaluator = Evaluator("digits", digits_classifier=classifier, metrics=METRICS)
+        features, logits, spatial = evaluator.features(share)
+        features, logits = gather(features), gather(logits)
+        moments = Moments(evaluator.reference_spatial[0])  # each rank its share, added up
+        moments.add(spatial)
+        spatial = moments.all_reduce().statistics()
+        torch.save({"statistics": statistics(features), "score": evaluator.score(features, logits, spatial),
+                    "rows": len(features), "spatial": spatial}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -289,14 +355,16 @@ def rank_worker(rank, world_size, rendezvous, classifier, out):
 def test_two_gloo_ranks_match_one_process(classifier, tmp_path):
     mp.spawn(rank_worker, args=(2, str(tmp_path / "rendezvous"), classifier, str(tmp_path)),
              nprocs=2)
-    evaluator = Evaluator("digits", digits_classifier=classifier)
+    evaluator = Evaluator("digits", digits_classifier=classifier, metrics=METRICS)
     assert gather(torch.ones(3)).shape == (3,)  # no process group: identity
-    features, logits = evaluator.features(torch.from_numpy(datasets.digits_array(train=False)[0]))
-    expected = evaluator.score(features, logits)
+    features, logits, spatial = evaluator.features(torch.from_numpy(datasets.digits_array(train=False)[0]))
+    expected = evaluator.score(features, logits, spatial)
+    assert {"FID", "IS", "precision", "coverage", "KID", "sFID"} <= set(expected)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert result["rows"] == 297
         torch.testing.assert_close(result["statistics"], statistics(features), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(result["spatial"], statistics(spatial), rtol=1e-9, atol=1e-9)
         for name, value in expected.items():
             assert result["score"][name] == pytest.approx(value, rel=1e-9)  # 1 vs 2 threads
 
