@@ -305,8 +305,10 @@ class RunConfig(Section):
 @dataclass(frozen=True)
 class FastPathConfig(Section):
     TITLE = "The fast GPU path (unset: on for CUDA; off on the CPU, where fp32 eager is the reference)"
-    precision: Optional[str] = option(None, "arithmetic of the network (bf16: autocast)",
-                                      choices=("fp32", "bf16"))
+    precision: Optional[str] = option(None, "arithmetic of the network (bf16, fp16: autocast; fp16 trains "
+                                      "with dynamic loss scaling); unset: a resumed run's, else bf16 on "
+                                      "GPUs of compute capability 8.0 and up, fp16 on older ones, fp32 on "
+                                      "the CPU", choices=("fp32", "bf16", "fp16"))
     compile: Optional[bool] = option(None, "torch.compile the network")
     cuda_graphs: Optional[bool] = option(None, "with --compile on one GPU: replay steps as CUDA graphs")
     channels_last: Optional[bool] = option(None, "NHWC memory layout for the convolutions")

@@ -127,8 +127,8 @@ def report(logdir, scores, step, writer=None, protocol=None, tag=""):
             writer.add_scalar(tag + name, value, step)
 
 
-def protocol_record(config, sampler, evaluator, num_samples, step, ckpt_sha256, started):
-    """How a score was measured, as eval.txt records it."""
+def protocol_record(config, sampler, evaluator, num_samples, step, ckpt_sha256, started, precision="fp32"):
+    """How a score was measured, as eval.txt records it; precision: the network's arithmetic."""
     sampling = config.sampling
     record = {"num_samples": num_samples, "sampler": sampling.sampler, "steps": len(sampler.timesteps),
               "eta": sampling.eta, "skip_type": sampler.skip_type, "clip_denoised": sampling.clip_denoised,
@@ -139,7 +139,7 @@ def protocol_record(config, sampler, evaluator, num_samples, step, ckpt_sha256, 
               "feature_network": evaluator.feature if evaluator else None,
               "feature_weights_sha256": evaluator.weights_sha256 if evaluator else None,
               "quantize": config.eval.fid_quantize, "seed": config.run.seed,
-              "processes": distributed.world_size(),
+              "processes": distributed.world_size(), "network_precision": precision,  # "precision" is a metric
               "torch": torch.__version__, "wall_time_s": round(time.time() - started, 1)}
     record.update(sampler.step.record())  # the sampler's own fields: what ran (solver_order: the order reached)
     if sampler.skip_type == "karras":
@@ -181,7 +181,8 @@ def describe(record):
             f"{'clipped' if record['clip_denoised'] else 'unclipped'} x0; "
             f"{record['feature_network']} features ({record['feature_weights_sha256']}), {statistics}, "
             f"{'8-bit' if record['quantize'] else 'float'} samples; seed {record['seed']}, "
-            f"{record['processes']} process(es), torch {record['torch']}, {record['wall_time_s']} s")
+            f"{record['processes']} process(es), torch {record['torch']}, {record['wall_time_s']} s"
+            + (f", {record['network_precision']} network" if record.get("network_precision", "fp32") != "fp32" else ""))
     if "num_classes" in record:
         labels = record["class_labels"]
         text += (f"; {record['num_classes']} classes, guidance scale {record['guidance_scale']}, classes "
@@ -242,6 +243,8 @@ def evaluate(config, device_type):
     if config.actions.eval_dir:
         return score_folder(config, evaluator)
     fast = speed.resolve(config.fast, device_type, distributed.world_size())
+    if distributed.is_main():
+        print(speed.choice_words(fast, config.fast.precision, device_type))
     ema, step, ckpt_sha256 = load_ema(config, device)
     net = speed.wrap(speed.to_layout(ema, fast), fast)
     sampler = build_sampler(config.sampling, config.diffusion, config.model.num_classes)
@@ -266,7 +269,8 @@ def evaluate(config, device_type):
         scores.update(label_accuracy(config, evaluator, logits, sample_labels(config, 0, config.eval.num_images)))
         writer = SummaryWriter(config.run.logdir) if distributed.is_main() else None
         report(config.run.logdir, scores, step, writer, protocol=protocol_record(
-            config, sampler, evaluator, config.eval.num_images, step, ckpt_sha256, started), tag="eval/")
+            config, sampler, evaluator, config.eval.num_images, step, ckpt_sha256, started, fast.precision),
+            tag="eval/")
         if writer is not None:
             writer.close()
     distributed.barrier()
@@ -399,4 +403,5 @@ def evaluate_during_training(config, evaluator, sampler, net, step, writer):
     scores = evaluator.score(features, logits, *spatial)
     scores.update(label_accuracy(config, evaluator, logits, sample_labels(config, 0, config.eval.eval_num_images)))
     report(config.run.logdir, scores, step, writer,
-           protocol_record(config, sampler, evaluator, config.eval.eval_num_images, step, None, started))
+           protocol_record(config, sampler, evaluator, config.eval.eval_num_images, step, None, started,
+                           getattr(net, "precision", "fp32")))

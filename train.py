@@ -9,7 +9,7 @@ where the interrupted one stopped.
 import contextlib
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -64,7 +64,48 @@ def ema_decay_at(training, k):
     return min(training.ema_decay, (1.0 + k) / (10.0 + k))
 
 
-def apply_gradients(net, ema, optimizer, scheduler, grad_clip, ema_decay):
+class LossScaling:
+    """fp16's dynamic loss scaling: torch.amp.GradScaler, and the warm-up schedule's view of
+    the steps it skips. Disabled (every call a no-op) in fp32 and bf16.
+
+    The loss is multiplied by the scale (65,536 at first) before backward, so that small
+    gradients do not underflow fp16, and the gradients divided by it before clipping. A step
+    whose gradients overflowed is skipped (apply_gradients) and the scale halved; after 2,000
+    applied steps in a row it is doubled. Whether a step was applied is a device flag: the
+    warm-up schedule is given it one step late (`settle`, when the next step reads it, by
+    which time the device has long computed it), so no step waits on the host, and a skipped
+    step does not advance the warm-up. The scale and its growth count are in the checkpoint."""
+
+    def __init__(self, device_type, enabled):
+        self.enabled = enabled
+        self.scaler = torch.amp.GradScaler(device_type, enabled=enabled)
+        self.unsettled = None  # the last step's "applied" flag, not yet given to the schedule
+
+    def scale(self, loss):
+        return self.scaler.scale(loss) if self.enabled else loss
+
+    def settle(self, scheduler):
+        """Advance the warm-up schedule for the last step if it was applied."""
+        if self.unsettled is not None:
+            applied, self.unsettled = bool(self.unsettled), None
+            if applied:
+                scheduler.step()
+
+    def state_dict(self):
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state, path):
+        """The scale of a checkpoint; one line if it is no GradScaler state or no positive number."""
+        keys = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+        scale = state.get("scale") if isinstance(state, dict) else None
+        if not (isinstance(state, dict) and set(state) == keys and isinstance(scale, float)
+                and 0 < scale < float("inf")):
+            raise checkpoint.CheckpointError(f"checkpoint {path}: its loss scale is not a GradScaler state "
+                                             f"with a positive scale: {state!r:.200}")
+        self.scaler.load_state_dict(state)
+
+
+def apply_gradients(net, ema, optimizer, scheduler, grad_clip, ema_decay, scaling=None, loss=None):
     """Clip the gradient norm, take the Adam step on the warmup schedule, update the EMA.
 
     Returns `bad`, a device bool that is true when the gradient norm is not finite (a NaN or
@@ -78,18 +119,35 @@ def apply_gradients(net, ema, optimizer, scheduler, grad_clip, ema_decay):
     on the device; the EMA update is then weighted by 0. Other Adam implementations cannot
     skip on the device, so there `bad` is read on the host: free on the CPU, one
     synchronisation per step on CUDA with --nofused_adam.
+
+    fp16 (scaling: an enabled LossScaling; the gradients are those of the scaled loss): the
+    gradients are unscaled before clipping and a step whose gradients are not finite is
+    skipped the same way, but counted as `bad` (against --max_bad_steps) only when the loss
+    itself (loss: the step's, on the device) is not finite, or when the scale has backed off
+    below 1, 17 overflows in a row: gradients that overflow at any scale, which fp16 cannot
+    train. An overflow at a finite loss is the scaler's to handle: it skips, halves the scale
+    and goes on. A skipped step does not advance the warm-up schedule (LossScaling.settle).
     """
+    fp16 = scaling is not None and scaling.enabled
+    if fp16:
+        scaling.settle(scheduler)
+        scaling.scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-    bad = ~torch.isfinite(norm)
+    skipped = ~torch.isfinite(norm)
     if optimizer.param_groups[0].get("fused"):
-        optimizer.found_inf = bad.float()
+        optimizer.found_inf = skipped.float()
         optimizer.step()
-        ema_update(ema, net, (1.0 - ema_decay) * (~bad).float())
-    elif not bad.item():
+        ema_update(ema, net, (1.0 - ema_decay) * (~skipped).float())
+    elif not skipped.item():
         optimizer.step()
         ema_update(ema, net, 1.0 - ema_decay)
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    if not fp16:
+        scheduler.step()
+        return skipped
+    bad = ~torch.isfinite(loss) | (skipped & (scaling.scaler._scale < 1))  # the scale before this update
+    scaling.scaler.update()
+    scaling.unsettled = ~skipped
     return bad
 
 
@@ -120,7 +178,8 @@ class NonFiniteLoss(UserError, RuntimeError):
 class TrainState:
     """What a training step changes and a checkpoint keeps. step: optimizer steps taken;
     x_T: the fixed noise of the training-time sample grids; t_sampler: with --t_sampling
-    importance, the ImportanceSampler and its loss history (else None)."""
+    importance, the ImportanceSampler and its loss history (else None); precision: the
+    network's arithmetic (speed.PRECISIONS) and scaling its LossScaling (enabled for fp16)."""
     net: torch.nn.Module
     ema: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -128,15 +187,22 @@ class TrainState:
     step: int
     x_T: torch.Tensor
     t_sampler: Optional[ImportanceSampler] = None
+    precision: str = "fp32"
+    scaling: LossScaling = field(default_factory=lambda: LossScaling("cpu", False))
 
     def to_checkpoint(self, rngs, world_size):
-        """ckpt.pt's dict: the earlier port's keys plus every process's RNG states."""
+        """ckpt.pt's dict: the earlier port's keys plus every process's RNG states, the
+        precision and, for fp16, the loss scale."""
+        self.scaling.settle(self.scheduler)  # the schedule as of the last step
         state = {"net_model": self.net.state_dict(), "ema_model": self.ema.state_dict(),
                  "optim": self.optimizer.state_dict(), "sched": self.scheduler.state_dict(),
                  "step": self.step, "x_T": self.x_T.cpu(), "rng": rngs, "world_size": world_size,
-                 "layout": self.net.layout, "format_version": checkpoint.FORMAT_VERSION}
+                 "layout": self.net.layout, "format_version": checkpoint.FORMAT_VERSION,
+                 "precision": self.precision}
         if self.t_sampler is not None:
             state["t_history"] = self.t_sampler.state_dict()
+        if self.scaling.enabled:
+            state["loss_scale"] = self.scaling.state_dict()
         return state
 
     def restore(self, saved, path, training, rank, world_size):
@@ -153,6 +219,8 @@ class TrainState:
             except (KeyError, TypeError, ValueError) as error:
                 raise checkpoint.CheckpointError(f"checkpoint {path}: its timestep history does not fit "
                                                  f"({type(error).__name__}: {error})") from None
+        if self.scaling.enabled and "loss_scale" in saved:
+            self.scaling.load_state_dict(saved["loss_scale"], path)  # else it starts at 65,536
         if len(saved.get("rng", [])) == world_size:
             set_rng_state(saved["rng"][rank])
 
@@ -168,9 +236,19 @@ def step_of(value, path):
     return value
 
 
-def initial_state(config, fast, device, path, rank, world_size):
-    """A fresh TrainState, or with --resume the one saved at path."""
-    saved = checkpoint.load(path, checkpoint.TRAINING_KEYS) if config.actions.resume else None
+def saved_precision(saved, path):
+    """The precision a checkpoint trained in, None for one written before it was recorded."""
+    precision = saved.get("precision") if saved else None
+    if precision is not None and precision not in speed.PRECISIONS:
+        raise checkpoint.CheckpointError(f"checkpoint {path}: its precision {precision!r:.40} is none of "
+                                         f"{', '.join(speed.PRECISIONS)}")
+    return precision
+
+
+def initial_state(config, fast, device, path, rank, world_size, saved=None):
+    """A fresh TrainState, or with --resume the one saved at path (saved: it, loaded already)."""
+    if saved is None and config.actions.resume:
+        saved = checkpoint.load(path, checkpoint.TRAINING_KEYS)
     layout = checkpoint.layout_of(saved, path, config.model.layout) if saved else None
     net = speed.to_layout(build_model(config.model, config.diffusion, layout).to(device), fast)
     optimizer = speed.adam(net.parameters(), config.training.lr, fast)
@@ -179,7 +257,7 @@ def initial_state(config, fast, device, path, rank, world_size):
                       generator=generator("cpu", config.run.seed, X_T))
     t_sampler = ImportanceSampler(config.diffusion.T) if config.training.t_sampling == "importance" else None
     state = TrainState(net, copy.deepcopy(net).eval().requires_grad_(False), optimizer, scheduler, 0, x_T,
-                       t_sampler)
+                       t_sampler, fast.precision, LossScaling(device.type, fast.precision == "fp16"))
     if saved is not None:
         state.restore(saved, path, config.training, rank, world_size)
     state.x_T = state.x_T.to(device)
@@ -250,16 +328,17 @@ def train_step(state, trainer, ddp_net, batches, config, rank, world_size):
                 losses, tracked = trainer.per_example_losses(x_0, t[part], noise[part], y)
                 loss = (losses * sampler.weights(t[part], probabilities).to(losses.dtype)).mean()
                 recorded.append(tracked.detach())
-            (loss / accum).backward()
+            state.scaling.scale(loss / accum).backward()
         loss_sum = loss_sum + loss.detach()
+    bad = apply_gradients(state.net, state.ema, state.optimizer, state.scheduler, training.grad_clip,
+                          ema_decay_at(training, state.step), state.scaling, loss_sum)
     if sampler is not None:
         # the global batch's losses in its order: this process's micro-batches are its
         # consecutive parts, the processes' shares follow one another
         gathered = distributed.all_gather_cat(torch.cat(recorded)).cpu()
-        if torch.isfinite(gathered).all():  # a non-finite step changes nothing, the history neither
+        skipped = state.scaling.enabled and not bool(state.scaling.unsettled)  # an fp16 overflow
+        if torch.isfinite(gathered).all() and not skipped:  # a step that changes nothing, the history neither
             sampler.update(t.cpu(), gathered.double())
-    bad = apply_gradients(state.net, state.ema, state.optimizer, state.scheduler, training.grad_clip,
-                          ema_decay_at(training, state.step))
     state.step += 1
     return loss_sum, bad
 
@@ -357,13 +436,22 @@ def train(config, device_type):
     device = distributed.local_device(device_type)
     rank, world_size = distributed.rank(), distributed.world_size()
     is_main, training, logdir = rank == 0, config.training, config.run.logdir
-    fast = speed.resolve(config.fast, device_type, world_size)
+    ckpt_path = logdir_files.ckpt_path(logdir)
+    saved = checkpoint.load(ckpt_path, checkpoint.TRAINING_KEYS) if config.actions.resume else None
+    resumed = saved_precision(saved, ckpt_path)
+    fast = speed.resolve(config.fast, device_type, world_size, resumed)
+    if is_main:
+        print(speed.choice_words(fast, config.fast.precision, device_type, resumed))
+        if resumed and resumed != fast.precision:
+            print(f"note: the checkpoint trained in {resumed}, this run goes on in {fast.precision}: the weights, "
+                  "Adam's state and the EMA are float32 in every precision, so nothing is converted"
+                  + ("; fp16's loss scale starts at 65,536" if fast.precision == "fp16" else ""))
     torch.manual_seed(stream_seed(config.run.seed, rank))  # dropout; restored on resume
     dataset = datasets.configured(config.data, config.model, flip=False)
     if config.model.num_classes and is_main:
         record_classes(dataset, logdir)
-    ckpt_path = logdir_files.ckpt_path(logdir)
-    state = initial_state(config, fast, device, ckpt_path, rank, world_size)
+    state = initial_state(config, fast, device, ckpt_path, rank, world_size, saved)
+    del saved
     if state.step >= training.total_steps:  # a resumed run that is done: nothing to train or write
         if is_main:
             print(f"nothing to train: {ckpt_path} is at step {state.step}, and --total_steps is "
@@ -389,6 +477,7 @@ def train(config, device_type):
             logs.progress.update(1)
             if step % training.log_step == 0 or step == training.total_steps:
                 bad_steps.check(ckpt_path, saved_step, logs.progress.write if is_main else None)
+                state.scaling.settle(state.scheduler)  # read at log steps anyway
                 logs.report_loss(step, state.scheduler.get_last_lr()[0])
             if training.sample_step > 0 and step % training.sample_step == 0:
                 if is_main:

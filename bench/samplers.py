@@ -36,6 +36,7 @@ sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 import logdir_files  # noqa: E402
+import speed  # noqa: E402
 from builders import build_sampler  # noqa: E402
 from config import Config  # noqa: E402
 from files import read_text  # noqa: E402
@@ -178,6 +179,10 @@ def main():
     base = Config.from_flagfile_text(read_text(logdir_files.flagfile_path(args.logdir)), logdir=args.logdir,
                                      num_images=args.num_images, eval_batch_size=args.batch)
     ema, step, ckpt_sha256 = checkpoint.load_ema(base, device)
+    # the fast path as --eval takes it (on a GPU: the device's precision, compiled; on the CPU:
+    # fp32 eager), so that every sampler, k-diffusion's too, drives the same network
+    fast = speed.resolve(base.fast, device.type)
+    net = speed.wrap(speed.to_layout(ema, fast), fast)
     evaluator = evaluate.make_evaluator(base, device)
     done = []
     if os.path.exists(out):
@@ -187,7 +192,8 @@ def main():
     finished = {(row["spec"], row["skip_asked"], row["steps_asked"], row["seed"]) for row in done}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
     print(f"# bench/samplers.py on {name}, torch {torch.__version__}: {args.logdir} (step {step}, "
-          f"ckpt {ckpt_sha256}), {args.num_images} samples, {evaluator.feature} FID, seeds {args.seeds}",
+          f"ckpt {ckpt_sha256}), {args.num_images} samples, {evaluator.feature} FID, seeds {args.seeds}, "
+          f"{speed.choice_words(fast, base.fast.precision, device.type)}",
           file=sys.stderr)
     for spec in args.samplers:
         for skip in args.skip_types:
@@ -199,14 +205,14 @@ def main():
                         config = base.replace(sample_steps=count, seed=seed)
                         alphas_bar = torch.cumprod(1 - torch.as_tensor(base.diffusion.betas(), dtype=torch.float64), 0)
                         reference = KDiffusionSampler(spec[2:], count, alphas_bar, device)
-                        fid, seconds, evaluations, resolved = measure(config, ema, evaluator, device, reference)
+                        fid, seconds, evaluations, resolved = measure(config, net, evaluator, device, reference)
                     else:
                         config = base.replace(**spec_options(spec), skip_type=skip, sample_steps=count, seed=seed)
-                        fid, seconds, evaluations, resolved = measure(config, ema, evaluator, device)
+                        fid, seconds, evaluations, resolved = measure(config, net, evaluator, device)
                     row = {"spec": spec, "skip_asked": skip, "skip_type": resolved, "steps_asked": count,
                            "steps": evaluations, "seed": seed, "fid": fid, "seconds_per_sample": seconds,
                            "checkpoint": ckpt_sha256, "num_images": args.num_images, "device": name,
-                           "torch": torch.__version__}
+                           "torch": torch.__version__, "precision": fast.precision}
                     print(f"{spec} {resolved} {evaluations} seed {seed}: FID {fid:.3f}, "
                           f"{1000 * seconds:.2f} ms/sample", file=sys.stderr, flush=True)
                     with open(out, "a") as file:

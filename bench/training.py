@@ -5,7 +5,9 @@
 
 Measures training images/s (batch 128 and 512), sampling image-steps/s, peak memory, and the
 FID cost (Inception features of a batch, Frechet distance by float64 eigh against scipy's
-sqrtm). Prints a markdown table with the fast/reference ratios, for BENCHMARKS.md.
+sqrtm), for the reference path and the fast path in bf16 and in fp16 (with its loss scaling,
+as a pre-Ampere GPU trains by default). Prints a markdown table with the fast/reference
+ratios, for BENCHMARKS.md.
 """
 import argparse
 import copy
@@ -22,7 +24,7 @@ from sampling import GaussianDiffusionSampler
 from model import UNet
 from score import frechet_distance
 from score.inception import fid_inception_v3
-from train import apply_gradients, warmup_lr
+from train import LossScaling, apply_gradients, warmup_lr
 
 SIZES = {  # model, image size, train batches, sampling batch, timed steps, FID images/dim
     "paper": dict(ch=128, ch_mult=[1, 2, 2, 2], attn=[1], img=32, batches=[128, 512],
@@ -30,11 +32,12 @@ SIZES = {  # model, image size, train batches, sampling batch, timed steps, FID 
     "tiny": dict(ch=32, ch_mult=[1, 2], attn=[1], img=8, batches=[64], sample_batch=256,
                  steps=10, fid_images=16, fid_dim=256),
 }
+FAST = dict(compile=None, cuda_graphs=None, channels_last=None, fused_adam=None, data_on_device=True)
 PATHS = {
-    "reference": dict(precision="fp32", compile=False, cuda_graphs=False, channels_last=False,
-                      fused_adam=False, data_on_device=True),
-    "fast": dict(precision=None, compile=None, cuda_graphs=None, channels_last=None,
-                 fused_adam=None, data_on_device=True),
+    "reference (fp32 eager)": dict(precision="fp32", compile=False, cuda_graphs=False, channels_last=False,
+                                   fused_adam=False, data_on_device=True),
+    "fast, bf16": dict(precision="bf16", **FAST),
+    "fast, fp16": dict(precision="fp16", **FAST),
 }
 
 
@@ -79,10 +82,12 @@ def train_speed(size, path, batch, device, steps):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lr(0))
     trainer = GaussianDiffusionTrainer(speed.wrap(net, fast), beta_schedule("linear", 1e-4, 0.02, 1000)).to(device)
     x_0 = torch.rand(batch, 3, size["img"], size["img"], device=device) * 2 - 1
+    scaling = LossScaling(device.type, fast.precision == "fp16")
 
     def step():
-        trainer(x_0).mean().backward()
-        apply_gradients(net, ema, optimizer, scheduler, grad_clip=1.0, ema_decay=0.9999)
+        loss = trainer(x_0).mean()
+        scaling.scale(loss).backward()
+        apply_gradients(net, ema, optimizer, scheduler, 1.0, 0.9999, scaling, loss.detach())
 
     reset_memory(device)
     seconds = timed(step, steps, warmup=3 if fast.compile else 1, device=device)
@@ -139,22 +144,21 @@ def main():
     steps = args.steps or size["steps"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
     print(f"# bench/training.py on {name}, torch {torch.__version__}, sizes {args.sizes or 'auto'}, {steps} steps\n")
-    print("| measurement | reference (fp32 eager) | fast | fast / reference |")
-    print("|---|---|---|---|")
+    print(f"| measurement | {' | '.join(PATHS)} | bf16 / reference | fp16 / reference |")
+    print("|---|---|---|---|---|---|")
 
-    def row(label, reference, fast, unit):
-        print(f"| {label} | {reference:,.1f} {unit} | {fast:,.1f} {unit} | {fast / reference:.2f}x |", flush=True)
+    def row(label, values, unit, digits=1):
+        ratios = " | ".join(f"{value / values[0]:.2f}x" for value in values[1:])
+        print(f"| {label} | {' | '.join(f'{value:,.{digits}f} {unit}' for value in values)} | {ratios} |", flush=True)
 
     for batch in size["batches"]:
-        (ref, ref_mem), (fast, fast_mem) = (train_speed(size, PATHS[p], batch, device, steps) for p in PATHS)
-        row(f"train, batch {batch}", ref, fast, "img/s")
+        speeds, memory = zip(*(train_speed(size, PATHS[p], batch, device, steps) for p in PATHS))
+        row(f"train, batch {batch}", speeds, "img/s")
         if device.type == "cuda":
-            print(f"| peak memory, train batch {batch} | {ref_mem:.2f} GiB | {fast_mem:.2f} GiB | "
-                  f"{fast_mem / ref_mem:.2f}x |")
-    (ref, _), (fast, _) = (sample_speed(size, PATHS[p], device, steps) for p in PATHS)
-    row(f"sampling, batch {size['sample_batch']}", ref, fast, "image-steps/s")
-    hours = [50_000 * 1000 / rate / 3600 for rate in (ref, fast)]
-    print(f"| 50k samples x 1000 steps | {hours[0]:.2f} h | {hours[1]:.2f} h | |")
+            row(f"peak memory, train batch {batch}", memory, "GiB", digits=2)
+    rates = [sample_speed(size, PATHS[p], device, steps)[0] for p in PATHS]
+    row(f"sampling, batch {size['sample_batch']}", rates, "image-steps/s")
+    row("50k samples x 1000 steps", [50_000 * 1000 / rate / 3600 for rate in rates], "h", digits=2)
     if not args.skip_fid:
         images_per_s, eigh_s, sqrtm_s = fid_speed(size, device)
         print(f"| FID Inception features | {images_per_s:,.0f} img/s | | |")

@@ -693,7 +693,7 @@ MUTANTS = [
            "                          metrics=scoring.metrics)", "                          )",
            tests_of(EVAL_METRICS, STREAMED_METRICS)),
     Mutant("eval_scores_not_in_tensorboard", "metrics", "evaluate.py",
-           'started), tag="eval/")', 'started), tag="eval")',
+           "            tag=\"eval/\")", "            tag=\"eval\")",
            tests_of(EVAL_METRICS, STREAMED_METRICS)),
     Mutant("older_file_silently_scored", "metrics", "score/scorer.py",
            "        if missing and is_main_process():", "        if False:",

@@ -72,7 +72,7 @@ def test_streamed_scores_equal_the_all_at_once_path_and_record_their_protocol(tr
                 "skip_type": "quadratic", "clip_denoised": True, "beta_schedule": "linear", "ema": True,
                 "checkpoint_step": 2,
                 "checkpoint_sha256": ckpt_sha, "feature_network": "digits", "quantize": True,
-                "seed": 0, "processes": 1, "torch": torch.__version__}
+                "seed": 0, "processes": 1, "torch": torch.__version__, "network_precision": "fp32"}
     for name, value in protocol.items():
         assert record[name] == value, name
     assert record["wall_time_s"] > 0 and len(record["feature_weights_sha256"]) == 12

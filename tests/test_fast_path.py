@@ -117,7 +117,7 @@ def compile_calls(monkeypatch):
 def test_compile_is_called_with_the_requested_mode(compile_calls, cuda_graphs, mode):
     """Catches a dropped or wrong mode= (CUDA graphs come from mode 'reduce-overhead'), dynamic
     shapes left on, and compile not called at all."""
-    fast = speed.FastPath(bf16=False, channels_last=False, compile=True, cuda_graphs=cuda_graphs, fused_adam=False,
+    fast = speed.FastPath(precision="fp32", channels_last=False, compile=True, cuda_graphs=cuda_graphs, fused_adam=False,
                            data_on_device=False)
     net = tiny_unet()
     speed.wrap(net, fast)

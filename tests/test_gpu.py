@@ -47,10 +47,11 @@ def loss_and_grads(fast, steps=3):
     return loss.item(), torch.cat([p.grad.flatten().float() for p in net.parameters() if p.grad is not None])
 
 
-def test_fast_train_step_matches_fp32_eager():
+@pytest.mark.parametrize("precision", [None, "bf16", "fp16"])
+def test_fast_train_step_matches_fp32_eager(precision):
     reference_loss, reference_grads = loss_and_grads(settings(precision="fp32", compile=False,
                                                               channels_last=False), steps=1)
-    fast_loss, fast_grads = loss_and_grads(settings())
+    fast_loss, fast_grads = loss_and_grads(settings(precision=precision))
     assert abs(fast_loss - reference_loss) < 0.01 * reference_loss
     error = ((fast_grads - reference_grads).norm() / reference_grads.norm()).item()
     assert error < 0.05
@@ -146,3 +147,25 @@ def test_cuda_graph_sampler_on_new_inputs_matches_eager_step_for_step():
         assert (graphs - eager).abs().mean() < 0.01, step
     first, second = runs["eager"][19], runs["eager"][39]  # the two runs' samples differ
     assert (first - second).abs().mean() > 0.3
+
+
+def test_an_fp16_overflow_is_skipped_on_the_device_without_a_host_sync():
+    """fp16 with fused Adam: unscaling, the skip, the scaler's back-off and the EMA's zero
+    weight all stay on the device (the warm-up schedule reads the flag a step later)."""
+    import train
+    net = torch.nn.Linear(4, 3).cuda()
+    ema = torch.nn.Linear(4, 3).cuda().requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_lr(0))
+    scaling = train.LossScaling("cuda", True)
+    loss = net(torch.randn(2, 4, device="cuda")).sum()
+    scaling.scale(loss).backward()
+    net.weight.grad[0, 0] = float("inf")
+    before = net.weight.detach().clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host read of a device value raises
+    try:
+        bad = train.apply_gradients(net, ema, optimizer, scheduler, 1.0, 0.9, scaling, loss.detach())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not bad.item() and torch.equal(net.weight, before) and scaling.scaler.get_scale() == 32768.0

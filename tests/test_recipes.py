@@ -515,3 +515,20 @@ def test_ema_warmup_is_tensorflows_num_updates_rule_through_the_training_step():
         without_warmup = 0.25 * without_warmup + 0.75 * flat(state.net)
     torch.testing.assert_close(flat(state.ema), expected, rtol=0, atol=1e-6)
     assert (flat(state.ema) - without_warmup).abs().max() > 1e-4  # the warm-up changed the average
+
+
+def test_an_fp16_overflow_leaves_the_loss_history_as_it_was():
+    """A step the loss scaler skips (finite loss, gradients that overflow fp16) changes no
+    history either: its losses are real, but the step was not taken. Not a bad step."""
+    config = tiny_config(dropout=0.0, precision="fp16")
+    state = fresh_state(config)
+    assert state.scaling.enabled
+    run(config, state, 2)
+    history, count = state.t_sampler.history.copy(), state.t_sampler.count.copy()
+    trainer = build_trainer(state.net, config.diffusion, config.training)
+    weight = next(p for p in state.net.parameters() if p.requires_grad)
+    hook = weight.register_hook(lambda grad: grad * float("inf"))  # an overflow in the backward pass
+    _, bad = train.train_step(state, trainer, state.net, iter([(global_batch(2, 16), None)]), config, 0, 1)
+    hook.remove()
+    assert not bad and state.scaling.scaler.get_scale() == 32768.0
+    assert np.array_equal(state.t_sampler.history, history) and np.array_equal(state.t_sampler.count, count)
