@@ -243,7 +243,7 @@ def evaluate(config, device_type):
     if config.actions.eval_dir:
         return score_folder(config, evaluator)
     fast = speed.resolve(config.fast, device_type, distributed.world_size())
-    if distributed.is_main():
+    if distributed.is_main() and not config.actions.train:  # a --train --eval command said it already
         print(speed.choice_words(fast, config.fast.precision, device_type))
     ema, step, ckpt_sha256 = load_ema(config, device)
     net = speed.wrap(speed.to_layout(ema, fast), fast)

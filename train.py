@@ -386,13 +386,15 @@ class Logs:
                 self.writer.add_image("real_sample", self.real, 0)
         self.loss_sum, self.loss_count = self.loss_sum + loss_sum, self.loss_count + count
 
-    def report_loss(self, step, lr):
+    def report_loss(self, step, lr, loss_scale=None):
         loss = distributed.all_reduce_mean(self.loss_sum / self.loss_count).item()
         self.loss_sum, self.loss_count = 0.0, 0
         if self.is_main:
             self.progress.set_postfix(loss=f"{loss:.4f}")
             self.writer.add_scalar("loss", loss, step)
             self.writer.add_scalar("lr", lr, step)
+            if loss_scale is not None:  # fp16: a drop is an overflow the scaler skipped
+                self.writer.add_scalar("loss_scale", loss_scale, step)
 
     def sample_grid(self, images, per_row, step):
         require_finite(images, f"the sample grid of step {step}", "it was not written")
@@ -478,7 +480,8 @@ def train(config, device_type):
             if step % training.log_step == 0 or step == training.total_steps:
                 bad_steps.check(ckpt_path, saved_step, logs.progress.write if is_main else None)
                 state.scaling.settle(state.scheduler)  # read at log steps anyway
-                logs.report_loss(step, state.scheduler.get_last_lr()[0])
+                logs.report_loss(step, state.scheduler.get_last_lr()[0],
+                                 state.scaling.scaler.get_scale() if state.scaling.enabled else None)
             if training.sample_step > 0 and step % training.sample_step == 0:
                 if is_main:
                     logs.sample_grid(*grid_samples(sampler, ema_net, state.x_T, config.model.num_classes,

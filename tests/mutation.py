@@ -54,6 +54,9 @@ GUIDANCE = "test_guidance.py"
 EDM = "test_edm.py"
 METRICS = "test_distribution_metrics.py"
 EVAL_METRICS = "test_eval_metrics.py"
+FP16 = "test_fp16.py"
+FP16_OVERFLOW = "test_an_overflow_is_skipped_backs_the_scale_off_and_is_not_a_bad_step"
+FP16_RESUME = "test_fp16_training_resumes_its_loss_scale_exactly"
 STREAMED_METRICS = "test_every_metric_of_the_streamed_eval_equals_the_metrics_of_its_saved_samples"
 LOCK_TEST = "test_the_lock_follows_no_link_and_writes_nothing_but_its_own_regular_file"
 SIZES_TEST = "test_sizes_that_cannot_fit_are_one_line_with_the_bytes_before_anything_is_built"
@@ -197,7 +200,7 @@ MUTANTS = [
            tests_of(LOOP, "test_batches_on_the_device_are_the_loaders_batches")),
     # ---- fast path
     Mutant("autocast_float16", "fast path", "speed.py",
-           "dtype=torch.bfloat16", "dtype=torch.float16",
+           'AUTOCAST = {"bf16": torch.bfloat16,', 'AUTOCAST = {"bf16": torch.float16,',
            tests_of(FAST_PATH, "test_autocast_runs_the_network_in_bf16_and_returns_float32")),
     Mutant("autocast_result_left_bf16", "fast path", "speed.py",
            "return out.float().contiguous()", "return out.contiguous()",
@@ -710,6 +713,42 @@ MUTANTS = [
            "require(self.metrics and not unknown and len(set(self.metrics)) == len(self.metrics),",
            "require(not unknown,",
            tests_of(EVAL_METRICS, "test_metric_names_are_checked_before_anything_runs")),
+    # ---- fp16 and the precision chosen by the device (issue 28)
+    Mutant("bf16_chosen_from_volta_on", "fp16", "speed.py",
+           "NATIVE_BF16 = (8, 0)", "NATIVE_BF16 = (7, 0)",
+           tests_of("test_speed.py", "test_the_precision_left_unset_is_the_devices")),
+    Mutant("resumed_precision_ignored", "fp16", "speed.py",
+           "precision=fast.precision or precision or device_precision(device_type)[0],",
+           "precision=fast.precision or device_precision(device_type)[0],",
+           tests_of("test_speed.py", "test_the_precision_left_unset_is_the_devices")),
+    Mutant("fp16_autocasts_to_bf16", "fp16", "speed.py",
+           'AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}',
+           'AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.bfloat16}',
+           tests_of("test_speed.py", "test_fp16_train_step_matches_fp32")),
+    Mutant("gradients_clipped_scaled", "fp16", "train.py",
+           "        scaling.scaler.unscale_(optimizer)\n", "        pass\n",
+           tests_of(FP16, "test_a_scaled_step_is_the_unscaled_step_exactly")),
+    Mutant("overflow_counted_as_a_bad_step", "fp16", "train.py",
+           "bad = ~torch.isfinite(loss) | (skipped & (scaling.scaler._scale < 1))", "bad = skipped",
+           tests_of(FP16, FP16_OVERFLOW)),
+    Mutant("a_collapsed_scale_never_stops_training", "fp16", "train.py",
+           "bad = ~torch.isfinite(loss) | (skipped & (scaling.scaler._scale < 1))", "bad = ~torch.isfinite(loss)",
+           tests_of(FP16, FP16_OVERFLOW)),
+    Mutant("warmup_counts_skipped_steps", "fp16", "train.py",
+           "            if applied:\n                scheduler.step()", "            scheduler.step()",
+           tests_of(FP16, FP16_OVERFLOW)),
+    Mutant("scale_never_updated", "fp16", "train.py",
+           "    scaling.scaler.update()\n", "    pass\n",
+           tests_of(FP16, FP16_OVERFLOW)),
+    Mutant("loss_scale_not_saved", "fp16", "train.py",
+           '            state["loss_scale"] = self.scaling.state_dict()', "            pass",
+           tests_of(FP16, FP16_RESUME)),
+    Mutant("loss_scale_not_restored", "fp16", "train.py",
+           'self.scaling.load_state_dict(saved["loss_scale"], path)  # else it starts at 65,536', "pass",
+           tests_of(FP16, FP16_RESUME)),
+    Mutant("importance_history_sees_an_overflow", "fp16", "train.py",
+           "if torch.isfinite(gathered).all() and not skipped:", "if torch.isfinite(gathered).all():",
+           tests_of(RECIPES, "test_an_fp16_overflow_leaves_the_loss_history_as_it_was")),
 ]
 
 

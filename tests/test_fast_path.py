@@ -55,6 +55,9 @@ def test_autocast_runs_the_network_in_bf16_and_returns_float32():
     seen.clear()
     assert speed.wrap(net, settings(precision="fp32"))(x, t).dtype == torch.float32
     assert all(o.dtype == torch.float32 for _, o in seen)  # the reference path stays fp32
+    seen.clear()
+    assert speed.wrap(net, settings(precision="fp16"))(x, t).dtype == torch.float32
+    assert seen and all(o.dtype == torch.float16 for _, o in seen)
 
 
 def test_weights_and_activations_are_channels_last():

@@ -9,6 +9,7 @@ import torch
 
 import train
 from conftest import TINY_ARGS, run_main
+from test_eval_metrics import tfevents_scalars
 
 FP16_TRAIN = [*TINY_ARGS, "--train", "--save_step", "0", "--sample_step", "0", "--precision", "fp16"]
 
@@ -93,6 +94,7 @@ def test_fp16_training_resumes_its_loss_scale_exactly(tmp_path):
     assert a["precision"] == b["precision"] == "fp16"
     assert a["loss_scale"] == b["loss_scale"] and a["loss_scale"]["_growth_tracker"] == 4
     assert a["sched"]["last_epoch"] == b["sched"]["last_epoch"] == 4
+    assert [value for _, value in tfevents_scalars(whole)["loss_scale"]] == [65536.0] * 4  # logged each step
     for key in ("net_model", "ema_model"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
