@@ -152,7 +152,7 @@ def main():
     args = parser.parse_args()
     device, out = torch.device(args.device), args.out or args.logdir
     base = Config.from_flagfile_text(files.read_text(logdir_files.flagfile_path(args.logdir)), logdir=args.logdir,
-                                     num_images=args.num_images)
+                                     num_images=args.num_images, metrics=("fid", "is"))  # what it tabulates
     if not base.model.num_classes:
         sys.exit(f"error: {args.logdir} is not a class-conditional run (--num_classes 0)")
     ema, step, ckpt_sha256 = checkpoint.load_ema(base, device)

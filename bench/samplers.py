@@ -177,7 +177,8 @@ def main():
     out = args.out or os.path.join(args.logdir, "samplers.jsonl")
     device = torch.device(args.device)
     base = Config.from_flagfile_text(read_text(logdir_files.flagfile_path(args.logdir)), logdir=args.logdir,
-                                     num_images=args.num_images, eval_batch_size=args.batch)
+                                     num_images=args.num_images, eval_batch_size=args.batch,
+                                     metrics=("fid", "is"))  # what it tabulates
     ema, step, ckpt_sha256 = checkpoint.load_ema(base, device)
     # the fast path as --eval takes it (on a GPU: the device's precision, compiled; on the CPU:
     # fp32 eager), so that every sampler, k-diffusion's too, drives the same network
