@@ -264,7 +264,7 @@ def evaluate(config, device_type):
     if distributed.is_main():
         write_samples(config, store, num_batches)
     if evaluator is not None:
-        features, logits, spatial = stored_features(store, mine, evaluator, device)
+        features, logits, spatial = stored_features(store, mine, evaluator, widths, device)
         scores = evaluator.score(features, logits, spatial)
         scores.update(label_accuracy(config, evaluator, logits, sample_labels(config, 0, config.eval.num_images)))
         writer = SummaryWriter(config.run.logdir) if distributed.is_main() else None
@@ -278,11 +278,12 @@ def evaluate(config, device_type):
         store.remove()
 
 
-def stored_features(store, batches, evaluator, device):
+def stored_features(store, batches, evaluator, widths, device):
     """All ranks' features and logits, float64 on the device, from this rank's finished
-    batches, and the (mean, covariance) of their spatial features when sFID is scored: summed
-    batch by batch (score.metrics.Moments), since 50,000 x 2,023 of them would not be small."""
-    features, logits = [], []
+    batches (none where there are more processes than batches), and the (mean, covariance) of
+    their spatial features when sFID is scored: summed batch by batch (score.metrics.Moments),
+    since 50,000 x 2,023 of them would not be small."""
+    features, logits = [torch.empty(0, widths[0])], [torch.empty(0, widths[1])]
     moments = Moments(evaluator.reference_spatial[0].to(device)) if evaluator.spatial else None
     for i in batches:
         part = store.load(i)

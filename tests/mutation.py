@@ -713,6 +713,9 @@ MUTANTS = [
            "require(self.metrics and not unknown and len(set(self.metrics)) == len(self.metrics),",
            "require(not unknown,",
            tests_of(EVAL_METRICS, "test_metric_names_are_checked_before_anything_runs")),
+    Mutant("idle_rank_concatenates_nothing", "metrics", "evaluate.py",
+           "features, logits = [torch.empty(0, widths[0])], [torch.empty(0, widths[1])]", "features, logits = [], []",
+           tests_of(EVAL_METRICS, "test_a_process_without_batches_brings_empty_features")),
     # ---- fp16 and the precision chosen by the device (issue 28)
     Mutant("bf16_chosen_from_volta_on", "fp16", "speed.py",
            "NATIVE_BF16 = (8, 0)", "NATIVE_BF16 = (7, 0)",

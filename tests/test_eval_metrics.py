@@ -125,3 +125,13 @@ def test_metric_names_are_checked_before_anything_runs():
             Config.make(metrics=metrics)
         assert words in str(error.value)
     assert Config.make().eval.metrics == ("fid", "is")  # today's score, and its cost
+
+
+def test_a_process_without_batches_brings_empty_features():
+    """More processes than batches (--nprocs 2, 500 samples in batches of 500): the idle rank's
+    share is empty, not an error (it was: torch.cat of nothing)."""
+    import evaluate
+    evaluator = Evaluator("digits")
+    features, logits, spatial = evaluate.stored_features(None, range(0), evaluator, (64, 10), "cpu")
+    assert features.shape == (0, 64) and logits.shape == (0, 10) and features.dtype == torch.float64
+    assert spatial is None
